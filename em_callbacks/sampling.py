@@ -1,0 +1,313 @@
+"""Batched sampling from the current model and exact sequence log-probabilities.
+
+Everything here runs on the model's own device and dtype. Samples are drawn from the
+*unwarped* softmax (temperature 1, no top-k/top-p, no repetition penalty): the divergence
+estimators need each sample's exact probability, so the sampler and the scorer must describe
+the same distribution. The scorer uses teacher forcing, the same function for a model's own
+samples and for cross-scoring other checkpoints' samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ProbeSamples",
+    "SamplerConfigError",
+    "preserved_state",
+    "prepare_tokenizer",
+    "encode_prompts",
+    "generate_samples",
+    "sequence_logprobs",
+    "WeightSnapshots",
+]
+
+
+class SamplerConfigError(ValueError):
+    """The model or tokenizer cannot be probed as configured."""
+
+
+@dataclass
+class ProbeSamples:
+    """Samples of one probe step: ``samples_per_prompt`` completions for each prompt, prompt-major."""
+
+    prompt_index: np.ndarray  # (n,) index into the prompt list
+    sample_index: np.ndarray  # (n,) 0..S-1 within its prompt
+    prompt_ids: list[list[int]]  # per prompt
+    completion_ids: list[list[int]]  # per sample, up to and including EOS when finished
+    texts: list[str]
+    finished: np.ndarray  # (n,) bool, ended with EOS before max_new_tokens
+    logp: np.ndarray | None = None  # (n,) log-prob under the weights that sampled
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+# ----------------------------------------------------------------------------- state hygiene
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Iterator[None]:
+    """Leave the observed run exactly as it was: RNG streams, train/eval mode of every module,
+    tokenizer padding side and pad token, and gradient checkpointing."""
+    rng = _rng_state()
+    modes = [(m, m.training) for m in model.modules()]
+    padding_side = getattr(tokenizer, "padding_side", None)
+    pad_token = getattr(tokenizer, "pad_token", None)
+    checkpointing = getattr(model, "is_gradient_checkpointing", None)
+    try:
+        yield
+    finally:
+        _set_rng_state(rng)
+        for module, training in modes:
+            module.training = training
+        if tokenizer is not None:
+            if padding_side is not None:
+                tokenizer.padding_side = padding_side
+            if getattr(tokenizer, "pad_token", None) != pad_token:
+                tokenizer.pad_token = pad_token
+        if checkpointing is not None and getattr(model, "is_gradient_checkpointing", None) != checkpointing:
+            raise RuntimeError("gradient checkpointing changed while probing; this is a bug in em-callbacks")
+
+
+def prepare_tokenizer(tokenizer: Any) -> tuple[int, int | None]:
+    """Return (pad_token_id, eos_token_id) to use for probing, without mutating the tokenizer.
+
+    A tokenizer with no pad token borrows EOS (standard for decoder-only models); one with
+    neither cannot delimit samples and is rejected before training starts.
+    """
+    if tokenizer is None:
+        raise SamplerConfigError(
+            "no tokenizer: pass processing_class=tokenizer to the Trainer or tokenizer=... to the callback"
+        )
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = eos
+    if pad is None:
+        raise SamplerConfigError(
+            "the tokenizer has neither a pad token nor an EOS token, so samples cannot be padded or ended; "
+            "set tokenizer.pad_token (e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize embeddings)"
+        )
+    return int(pad), (int(eos) if eos is not None else None)
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str], uses_chat_template: bool) -> list[list[int]]:
+    """Token ids of rendered prompts. Chat templates already contain their special tokens."""
+    encoded = tokenizer(list(texts), add_special_tokens=not uses_chat_template)["input_ids"]
+    for text, ids in zip(texts, encoded):
+        if not ids:
+            raise SamplerConfigError(f"prompt {text[:60]!r} encodes to zero tokens")
+    return [list(map(int, ids)) for ids in encoded]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(p.device for p in model.parameters())
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _unwarped_generation_config(model: torch.nn.Module, max_new_tokens: int, pad_id: int, eos_id: int | None):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        use_cache=True,
+        num_beams=1,
+    )
+
+
+@torch.no_grad()
+def generate_samples(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    seed: int,
+    batch_size: int = 64,
+    min_batches: int = 0,
+    decode: Any = None,
+) -> ProbeSamples:
+    """Draw ``samples_per_prompt`` completions for every prompt in large left-padded batches.
+
+    The global RNG is seeded with ``seed`` (callers wrap this in :func:`preserved_state`), so
+    a probe step draws the same random numbers in every run. ``min_batches`` forces extra
+    generate calls on a dummy row so every rank of a sharded (ZeRO-3/FSDP) run calls
+    ``generate`` the same number of times.
+    """
+    device = _model_device(model)
+    rows = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
+    config = _unwarped_generation_config(model, max_new_tokens, pad_id, eos_id)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    completions: list[list[int]] = []
+    finished: list[bool] = []
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    n_calls = max(len(batches), min_batches)
+    for b in range(n_calls):
+        batch = batches[b] if b < len(batches) else None
+        inputs = [prompt_ids[p] for p, _ in batch] if batch else [list(prompt_ids[0]) if prompt_ids else [pad_id]]
+        ids, mask = _left_pad(inputs, pad_id, device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        if batch is None:
+            continue
+        new_tokens = out[:, ids.shape[1] :].tolist()
+        for row in new_tokens:
+            tokens, done = _trim_completion(row, eos_id, pad_id)
+            completions.append(tokens)
+            finished.append(done)
+    texts = [decode(c) for c in completions] if decode is not None else [""] * len(completions)
+    return ProbeSamples(
+        prompt_index=np.array([p for p, _ in rows], dtype=np.int64),
+        sample_index=np.array([s for _, s in rows], dtype=np.int64),
+        prompt_ids=[list(p) for p in prompt_ids],
+        completion_ids=completions,
+        texts=texts,
+        finished=np.array(finished, dtype=bool),
+    )
+
+
+def _trim_completion(row: list[int], eos_id: int | None, pad_id: int) -> tuple[list[int], bool]:
+    """Cut generated tokens after the first EOS (kept: its probability is part of the sample's)."""
+    if eos_id is not None and eos_id in row:
+        end = row.index(eos_id)
+        return row[: end + 1], True
+    return row, False
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Exact log p(completion | prompt) by teacher forcing, one value per (prompt, completion) pair.
+
+    Rows are right-padded so position ids are the natural 0..L-1, the same positions that
+    left-padded generation assigns from the attention mask. Computed in float32 from the
+    model's logits whatever the model dtype.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError("prompt_ids and completion_ids must pair up")
+    device = _model_device(model)
+    out = np.empty(len(completion_ids), dtype=np.float64)
+    order = np.argsort([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)])  # less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for r, (i, seq) in enumerate(zip(idx, seqs)):
+            ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[r, : len(seq)] = 1
+            target_mask[r, len(prompt_ids[i]) : len(seq)] = True
+        ids, mask, target_mask = ids.to(device), mask.to(device), target_mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        token_lp = torch.where(target_mask[:, 1:], token_lp, torch.zeros_like(token_lp))
+        out[idx] = token_lp.sum(dim=-1).double().cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- weight snapshots
+class WeightSnapshots:
+    """CPU copies of a model's trainable parameters at recent probe steps.
+
+    New samples must be scored under older checkpoints. For a PEFT adapter the trainable
+    parameters are the adapter (megabytes), so keeping the last few is cheap; for a full
+    fine-tune this is an opt-in. Scoring swaps a snapshot in *in place* (``copy_``), so the
+    optimizer's references to the parameter tensors stay valid, and swaps the live weights
+    back afterwards bit for bit.
+    """
+
+    def __init__(self, keep: int):
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        self.keep = keep
+        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def capture(self, model: torch.nn.Module, probe_index: int) -> None:
+        if self.keep == 0:
+            return
+        self._snapshots[probe_index] = {
+            name: p.detach().to("cpu", copy=True) for name, p in self.trainable(model).items()
+        }
+        for old in sorted(self._snapshots)[: -self.keep]:
+            del self._snapshots[old]
+
+    def available(self) -> list[int]:
+        return sorted(self._snapshots)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for snap in self._snapshots.values() for t in snap.values())
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self, model: torch.nn.Module, probe_index: int) -> Iterator[None]:
+        snapshot = self._snapshots[probe_index]
+        params = self.trainable(model)
+        live = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        try:
+            for name, p in params.items():
+                p.data.copy_(snapshot[name].to(p.device, p.dtype))
+            yield
+        finally:
+            for name, p in params.items():
+                p.data.copy_(live[name].to(p.device, p.dtype))
+
+    def state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self._snapshots
+
+    def load_state_dict(self, state: dict[int, dict[str, torch.Tensor]]) -> None:
+        self._snapshots = {int(k): v for k, v in state.items()}
