@@ -584,7 +584,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             if probs is None or judgment.score is None or not np.all(np.isfinite(probs)):
                 progress.failed += 1
             else:
-                progress.kernels[(item.prompt_id, item.sample_idx)] = np.asarray(op.coarsen(probs), dtype=float)
+                progress.kernels[(item.prompt_id, item.sample_idx)] = probs
                 progress.scores.append(float(judgment.score))
                 if getattr(op, "threshold", None) is not None:
                     progress.flagged.append(bool(op.flagged(judgment.score)))
@@ -632,8 +632,9 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                     continue
                 self._decomposed.add((i, op.name))
                 n_left = len(left)
-                left_kernels = _kernels_by_prompt(progress[:n_left], [self._sample_keys[j] for j in left])
-                right_kernels = _kernels_by_prompt(progress[n_left:], [self._sample_keys[j] for j in right])
+                width = len(op.scale)
+                left_kernels = _kernels_by_prompt(progress[:n_left], [self._sample_keys[j] for j in left], width)
+                right_kernels = _kernels_by_prompt(progress[n_left:], [self._sample_keys[j] for j in right], width)
                 try:
                     captured = decompose(op, left_kernels, right_kernels, full.per_prompt, measure=full.measure)
                 except Exception as exc:  # noqa: BLE001 - a bad judge batch must not stop training
@@ -807,9 +808,10 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             return None
 
 
-def _kernels_by_prompt(progress: Sequence[_JudgeProgress], keys: Sequence[Sequence[tuple[str, int]]]) -> dict[str, np.ndarray]:
+def _kernels_by_prompt(
+    progress: Sequence[_JudgeProgress], keys: Sequence[Sequence[tuple[str, int]]], width: int
+) -> dict[str, np.ndarray]:
     """Per prompt, stacked judge distributions of one window's samples (NaN rows where missing)."""
-    width = next((len(v) for p in progress for v in p.kernels.values()), 1)
     out: dict[str, list[np.ndarray]] = {}
     for prog, probe_keys in zip(progress, keys):
         for key in probe_keys:

@@ -27,7 +27,7 @@ import math
 import re
 import string
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -45,6 +45,7 @@ __all__ = [
     "discover",
     "adiscover",
     "candidate_order_parameters",
+    "score_order_parameters",
     "rank_captured",
     "BUILTIN_ORDER_PARAMETERS",
 ]
@@ -555,14 +556,16 @@ class CapturedFraction:
     n_left: int = 0  # samples with a judgment (left window / all prompts)
     n_right: int = 0
 
-    def confidence_interval(self, confidence_level: float = 0.95) -> tuple[float, float]:
-        """Normal-approximation interval ``value +- z * stderr`` (not clipped)."""
+    def confidence_interval(self, confidence_level: float = 0.95) -> Any:
+        """Normal-approximation ``ConfidenceInterval(low, high)`` = value +- z * stderr.
+        Not clipped to [0, 1]; NaN value or stderr gives a NaN interval."""
         from statistics import NormalDist
 
         if not (0 < confidence_level < 1):
             raise ValueError("confidence_level must be in (0, 1)")
         z = NormalDist().inv_cdf(0.5 + confidence_level / 2)
-        return (self.value - z * self.stderr, self.value + z * self.stderr)
+        return _divergence().ConfidenceInterval(float(self.value - z * self.stderr),
+                                                float(self.value + z * self.stderr))
 
     def to_dict(self) -> dict[str, Any]:
         def dres(r: Any) -> dict[str, Any]:
@@ -628,7 +631,7 @@ def _pushforward(order_parameter: OrderParameter, left: Any, right: Any, measure
     left_k = _valid_rows(_as_kernel(left, k, "left_kernels"))
     right_k = _valid_rows(_as_kernel(right, k, "right_kernels"))
     if len(left_k) == 0 or len(right_k) == 0:
-        return _empty_result(measure, "pushforward:no-judgments"), len(left_k), len(right_k)
+        return _empty_result(measure, "plug-in"), len(left_k), len(right_k)
     div = _divergence()
     res = div.pushforward_dissimilarity(
         order_parameter.coarsen(left_k),
@@ -700,20 +703,17 @@ def decompose(
     Per prompt, ``D_O(p)`` is the pushforward dissimilarity. Then, like the full D
     (``divergence.combine_prompts``: mean over prompts, stderr = sqrt(sum se^2) / k),
     ``r = mean_p D_O(p) / mean_p D(p)`` -- a ratio of means, NOT a mean of per-prompt
-    ratios (those explode on prompts where D is ~0). Only prompts that have a finite full
-    D and at least one judgment on each side enter both means, so the returned ``d_full``
+    ratios (those explode on prompts where D is ~0). Only prompts present in all three
+    inputs, with a finite full D and at least one judgment on each side, enter both means, so the returned ``d_full``
     may differ slightly from the callback's D when a prompt has no judgments at all.
     """
     lk, rk, fu = dict(_items(left_kernels)), dict(_items(right_kernels)), dict(_items(full))
-    if set(lk) != set(rk) or set(lk) != set(fu):
-        raise ValueError(
-            "decompose: left_kernels, right_kernels and full must cover the same prompts "
-            f"(got {len(lk)}, {len(rk)}, {len(fu)})"
-        )
-    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    keys = [k for k in fu if k in lk and k in rk]  # a prompt missing anywhere is skipped
+    # like divergence.pushforward_dissimilarity: rng=None means seed 0 (reproducible)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
     orders, fulls = [], []
     n_left = n_right = 0
-    for key in lk:
+    for key in keys:
         f = fu[key]
         _check_measure(f, measure)
         if not math.isfinite(float(f.value)):
@@ -726,16 +726,15 @@ def decompose(
         n_left += nl
         n_right += nr
     if not orders:
-        empty = _empty_result(measure, "pushforward:no-judgments")
-        return CapturedFraction(order_parameter.name, math.nan, math.nan, empty,
-                                _empty_result(measure, "combined:no-prompts"), 0, 0)
-    d_order = _combine(orders, measure, "pushforward-mean-over-prompts")
-    d_full = _combine(fulls, measure, "mean-over-prompts")
+        return CapturedFraction(order_parameter.name, math.nan, math.nan,
+                                _empty_result(measure, "combined"), _empty_result(measure, "combined"), 0, 0)
+    d_order = _combine(orders, measure)
+    d_full = _combine(fulls, measure)
     r, se = _ratio(d_order, d_full)
     return CapturedFraction(order_parameter.name, r, se, d_order, d_full, n_left, n_right)
 
 
-def _combine(results: list[Any], measure: str, estimator: str) -> Any:
+def _combine(results: list[Any], measure: str) -> Any:
     div = _divergence()
     combine = getattr(div, "combine_prompts", None)
     if combine is not None:
@@ -745,7 +744,7 @@ def _combine(results: list[Any], measure: str, estimator: str) -> Any:
     k = len(results)
     return div.DissimilarityResult(
         measure, float(values.mean()), float(np.sqrt(np.sum(ses**2)) / k),
-        int(sum(int(r.n) for r in results)), estimator,
+        int(sum(int(r.n) for r in results)), "combined",
     )
 
 
@@ -956,6 +955,34 @@ async def adiscover(
         if inspect.isawaitable(answer):
             answer = await answer
     return parse_candidates(answer, n_candidates)
+
+
+def score_order_parameters(
+    order_parameters: Iterable[OrderParameter],
+    judge: Any,
+    left_samples: Mapping[Any, Sequence[tuple[str, str]]],
+    right_samples: Mapping[Any, Sequence[tuple[str, str]]],
+    full: Mapping[Any, Any],
+    measure: str = "tv",
+    *,
+    n_resamples: int = 200,
+    rng: Any = None,
+) -> list[CapturedFraction]:
+    """Judge every sample with every order parameter and rank them by captured fraction.
+
+    ``left_samples[p]`` / ``right_samples[p]``: (prompt, response) pairs of prompt ``p`` in
+    the two windows; ``full[p]``: that prompt's DissimilarityResult. ``judge``: any
+    :class:`em_callbacks.judges.Judge` (its blocking ``judge_many`` is used). Returns the
+    :func:`decompose` result per order parameter, largest captured fraction first.
+    """
+    out = []
+    keys = list(full)
+    for op in order_parameters:
+        left_k = {k: kernels_from_judgments(judge.judge_many(op, list(left_samples[k])), op.scale) for k in keys}
+        right_k = {k: kernels_from_judgments(judge.judge_many(op, list(right_samples[k])), op.scale) for k in keys}
+        out.append(decompose(op, left_k, right_k, {k: full[k] for k in keys}, measure,
+                             n_resamples=n_resamples, rng=rng))
+    return rank_captured(out)
 
 
 def candidate_order_parameters(

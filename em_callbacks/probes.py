@@ -36,11 +36,16 @@ class Probe:
             raise ProbeSetError(
                 f"probe id {self.id!r} must be a non-empty string of letters, digits, '_', '-', '.', ':'"
             )
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if not isinstance(self.prompt, str):
+            raise ProbeSetError(f"probe {self.id!r}: prompt must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
             raise ProbeSetError(f"probe {self.id!r} has an empty prompt")
         if self.system is not None and not isinstance(self.system, str):
             raise ProbeSetError(f"probe {self.id!r}: system must be a string or absent")
-        object.__setattr__(self, "tags", tuple(str(t) for t in self.tags))
+        tags = (self.tags,) if isinstance(self.tags, str) else tuple(self.tags)
+        if not all(isinstance(t, str) for t in tags):
+            raise ProbeSetError(f"probe {self.id!r}: tags must be a list of strings, got {tags!r}")
+        object.__setattr__(self, "tags", tags)
 
     def messages(self) -> list[dict[str, str]]:
         """Chat messages for ``tokenizer.apply_chat_template``."""
@@ -205,6 +210,8 @@ def _parse_records(records: list[Any], source: str, start: int = 0) -> list[Prob
         tags = record.get("tags", ())
         if isinstance(tags, str):
             tags = (tags,)
+        if not isinstance(tags, (list, tuple)):
+            raise ProbeSetError(f"{where}: tags must be a string or a list of strings, got {type(tags).__name__}")
         try:
             probes.append(
                 Probe(

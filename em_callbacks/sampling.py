@@ -156,6 +156,30 @@ def _unwarped_generation_config(model: torch.nn.Module, max_new_tokens: int, pad
     )
 
 
+@contextlib.contextmanager
+def _neutral_model_generation_configs(model: torch.nn.Module) -> Iterator[None]:
+    """Blank every ``generation_config`` a (wrapped) model carries while sampling.
+
+    ``generate`` fills each field our config leaves at None from ``model.generation_config``
+    (min_p, top_h, suppress_tokens, bad_words_ids, sequence_bias, forced_eos_token_id, ...), and
+    a None cannot be set explicitly, so an instruct model's shipped defaults would warp the
+    sampler away from the distribution the scorer measures. Restored (same objects) afterwards.
+    """
+    from transformers import GenerationConfig
+
+    saved = []
+    for module in model.modules():
+        config = module.__dict__.get("generation_config")
+        if isinstance(config, GenerationConfig):
+            saved.append((module, config))
+            module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in saved:
+            module.generation_config = config
+
+
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,
@@ -190,7 +214,8 @@ def generate_samples(
         batch = batches[b] if b < len(batches) else None
         inputs = [prompt_ids[p] for p, _ in batch] if batch else [list(prompt_ids[0]) if prompt_ids else [pad_id]]
         ids, mask = _left_pad(inputs, pad_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        with _neutral_model_generation_configs(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         if batch is None:
             continue
         new_tokens = out[:, ids.shape[1] :].tolist()

@@ -54,7 +54,13 @@ CREATE TABLE IF NOT EXISTS events (
     created_at REAL NOT NULL);
 """
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization|bearer)", re.I)
+# Key names whose values are secrets. "token" only as the whole name or its last part
+# ("hf_token", "access-token"), so "max_new_tokens" or "pad_token" are kept.
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|secret|passw(or)?d|authorization|bearer|credential|private[_-]?key"
+    r"|^(?!(pad|eos|bos|unk|sep|cls|mask)[_-]token$)(.*[_\-.])?token$)",
+    re.I,
+)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|hf_[A-Za-z0-9]{8,}|Bearer\s+\S+)")
 
 
@@ -122,10 +128,11 @@ class RunStore:
                 raise
 
     def set_meta(self, **values: Any) -> None:
+        values = scrub_secrets(values)  # also catches a top-level key such as api_key=...
         with self.transaction() as c:
             c.executemany(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                [(k, json.dumps(scrub_secrets(v), default=str)) for k, v in values.items()],
+                [(k, json.dumps(v, default=str)) for k, v in values.items()],
             )
 
     def write_prompts(self, rows: Iterable[tuple[str, int, str, str | None, Sequence[str], str]]) -> None:
@@ -196,7 +203,8 @@ class RunStore:
             c.executemany(
                 "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (int(p), str(pid), int(s), name, _num(score), json.dumps([float(x) for x in probs]) if probs is not None else None, error, time.time())
+                    (int(p), str(pid), int(s), name, _num(score), json.dumps([float(x) for x in probs]) if probs is not None else None,
+                     scrub_secrets(error) if error is not None else None, time.time())
                     for p, pid, s, name, score, probs, error in rows
                 ],
             )

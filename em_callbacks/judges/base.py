@@ -118,6 +118,11 @@ class Judgment:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __repr__(self) -> str:
+        probs = "None" if self.probs is None else f"<{len(self.probs)} probs>"
+        raw = None if self.raw is None else (self.raw if len(self.raw) <= 60 else self.raw[:57] + "...")
+        return f"Judgment(score={self.score!r}, error={self.error!r}, probs={probs}, raw={raw!r})"
+
 
 @dataclass(frozen=True)
 class JudgeItem:

@@ -83,6 +83,9 @@ class RuleJudge(Judge):
     def judge(self, order_parameter: OrderParameter, prompt: str, response: str) -> Judgment:
         return self.judge_now(order_parameter, prompt, response)
 
+    def judge_many(self, order_parameter: OrderParameter, pairs: Any) -> list[Judgment]:
+        return [self.judge_now(order_parameter, p, r) for p, r in pairs]
+
 
 def _to_judgment(scale: Scale, value: Any) -> Judgment:
     if value is None:
