@@ -376,6 +376,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                 ],
                 "judge": judge_config,
                 "early_stopping": type(self.stop_rule).__name__ if self.stop_rule else None,
+                "detector": self.detector.config(),
                 "world_size": self._dist.world_size,
                 "output_dir": str(getattr(args, "output_dir", "")),
             }
@@ -545,7 +546,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         if not reason:
             return None
         decision = {"step": step, "reason": reason, "last_pre_onset_step": self.detector.state.last_pre_onset_step}
-        self._store.add_event("early_stop", step, **decision)
+        self._store.add_event("early_stop", **decision)  # decision carries "step"
         logger.warning("em-callbacks: stopping training at step %d: %s", step, reason)
         return decision
 
@@ -794,7 +795,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._faults.append(entry)
         if self._store is not None:
             try:
-                self._store.add_event("fault", step, **entry)
+                self._store.add_event("fault", step, fault=kind, **details)
             except Exception:  # noqa: BLE001
                 pass
 

@@ -704,8 +704,13 @@ def decompose(
     (``divergence.combine_prompts``: mean over prompts, stderr = sqrt(sum se^2) / k),
     ``r = mean_p D_O(p) / mean_p D(p)`` -- a ratio of means, NOT a mean of per-prompt
     ratios (those explode on prompts where D is ~0). Only prompts present in all three
-    inputs, with a finite full D and at least one judgment on each side, enter both means, so the returned ``d_full``
-    may differ slightly from the callback's D when a prompt has no judgments at all.
+    inputs, with a finite full D and at least one judgment on each side, enter both means,
+    so the returned ``d_full`` may differ slightly from the callback's D when a prompt has
+    no judgments at all.
+
+    Small samples: the pushforward D is a plug-in estimate, biased upwards when the two
+    score distributions are close (order sqrt(bins / n)); with few samples per prompt an
+    irrelevant order parameter shows a small positive r. Coarsening (``bins``) limits this.
     """
     lk, rk, fu = dict(_items(left_kernels)), dict(_items(right_kernels)), dict(_items(full))
     keys = [k for k in fu if k in lk and k in rk]  # a prompt missing anywhere is skipped

@@ -303,30 +303,26 @@ def parse_order_parameters(specs: Optional[List[str]], include_defaults: bool) -
     if include_defaults:
         for name in DEFAULT_ORDER_PARAMETERS:
             out[name] = OrderParameter.builtin(name)
+    given: set[str] = set()
     for spec in specs or []:
         spec = spec.strip()
         name, sep, statement = spec.partition("=")
         name, statement = name.strip(), statement.strip()
         if len(statement) >= 2 and statement[0] == statement[-1] and statement[0] in "\"'":
             statement = statement[1:-1].strip()
+        if sep and not statement:
+            raise RecipeError(f"--order-parameter {spec!r}: the statement after '=' is empty")
         try:
-            if not sep:
-                op = OrderParameter.builtin(name)
-            else:
-                if not statement:
-                    raise RecipeError(f"--order-parameter {spec!r}: the statement after '=' is empty")
-                op = OrderParameter(name, statement)
+            op = OrderParameter(name, statement) if sep else OrderParameter.builtin(name)
         except ValueError as exc:
-            if isinstance(exc, RecipeError):
-                raise
             raise RecipeError(
                 f"--order-parameter {spec!r}: {exc}. Use a built-in name "
                 f"({', '.join(OrderParameter.builtin_names())}) or name=\"A statement about the answer.\""
             ) from None
-        if op.name in out and spec:
-            if not (include_defaults and op.name in DEFAULT_ORDER_PARAMETERS and not sep):
-                raise RecipeError(f"--order-parameter: duplicate order parameter name {op.name!r}")
-        out[op.name] = op
+        if op.name in given:
+            raise RecipeError(f"--order-parameter: order parameter {op.name!r} given twice")
+        given.add(op.name)
+        out[op.name] = op  # a user statement replaces a default of the same name
     return list(out.values())
 
 

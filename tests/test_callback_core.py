@@ -105,7 +105,10 @@ def _check_run(cb, tmp_path, tok, model, *, every: int, max_steps: int, mode: st
         assert series["step"].tolist() == expected_steps[:-1]  # D(t_i) needs the probe after t_i
         assert np.isfinite(series["value"]).all() and np.isfinite(series["stderr"]).all()
         assert (series["stderr"] > 0).all()
-        assert (series["value"] >= -1e-12).all() and (series["value"] <= (math.log(2) if measure == "js" else 1) + 1e-9).all()
+        # TV and linear terms are >= 0; the unbiased JS estimate may dip below 0 by noise (never clipped)
+        if measure != "js":
+            assert (series["value"] >= 0).all()
+        assert (series["value"] <= (math.log(2) if measure == "js" else 1) + 1e-9).all()
         assert np.all(series["ci_low"] <= series["value"]) and np.all(series["value"] <= series["ci_high"])
 
     # every D(t_i) can be recomputed from the stored log-probs (the wiring keeps samples aligned)

@@ -157,6 +157,25 @@ def test_cache_and_inflight_deduplication(wire_server):
     nocache.close()
 
 
+def test_cancelled_leader_does_not_cancel_deduplicated_followers(wire_server):
+    wire_server.latency = 0.3
+    judge = make_judge(wire_server)
+
+    async def main():
+        leader = asyncio.create_task(judge.ajudge(ALIGNED, "p", "same"))
+        await asyncio.sleep(0.05)
+        follower = asyncio.create_task(judge.ajudge(ALIGNED, "p", "same"))
+        await asyncio.sleep(0.05)
+        leader.cancel()
+        try:
+            return await follower
+        finally:
+            await judge.aclose()
+
+    j = run(main())
+    assert j.ok and wire_server.calls == 2  # the follower took over with its own request
+
+
 def test_transport_failures_are_not_cached(wire_server):
     judge = make_judge(wire_server, max_retries=0)
     wire_server.fail(503)

@@ -313,7 +313,8 @@ class OpenAIJudge(Judge):
                     return await asyncio.shield(fut)
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    if task is not None and task.cancelling():
+                    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+                    if task is None or cancelling is None or cancelling():
                         raise
                     # the leader was cancelled, not us: try again (maybe become the leader)
             fut = asyncio.get_running_loop().create_future()
