@@ -138,6 +138,10 @@ def flat_vector(source: Any, which: str = "B", trainable_only: bool = True) -> t
     return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in params.values()])
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    return getattr(p, "ds_id", None) is not None or type(p).__name__ == "DTensor"
+
+
 def local_cosine(delta_prev: Any, delta: Any) -> float:
     """``cos(Δ_{t-1}, Δ_t)`` in float64; NaN when either delta is zero or missing."""
     if delta_prev is None or delta is None:
@@ -172,6 +176,8 @@ class AdapterTrajectory:
         self._last_step: int | None = None
 
     def update(self, model: Any, step: int | None = None) -> dict[str, float]:
+        if any(_is_sharded(p) for p in lora_parameters(model, self.which, self.trainable_only).values()):
+            return {}  # ZeRO-3 / FSDP: this rank holds a shard, not the adapter
         norms = lora_b_norms(model, self.trainable_only)
         if norms is None:
             return {}

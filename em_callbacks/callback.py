@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from . import detect
+from .adapter_signal import B_NORM, AdapterTrajectory
 from .divergence import MEASURES
 from .history import ProbeHistory, WindowResult
 from .probes import Probe, ProbeSet, render_prompt
@@ -45,6 +46,7 @@ __all__ = ["PhaseTransitionCallback", "CallbackConfigError"]
 
 STATE_FILENAME = "em_callbacks_state.json"
 SNAPSHOT_FILENAME = "em_callbacks_snapshots.pt"
+ADAPTER_FILENAME = "em_callbacks_adapter_trajectory.pt"
 CROSS_SCORING_MODES = ("auto", "snapshot", "one-sided")
 
 _LIVE_INSTANCES: "weakref.WeakValueDictionary[str, PhaseTransitionCallback]" = weakref.WeakValueDictionary()
@@ -130,6 +132,24 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         save_checkpoint_on_stop: ask the Trainer to save when early stopping fires.
     """
 
+    def __new__(cls, *args: Any, _instance_key: str | None = None, **kwargs: Any):
+        # With restore_callback_states_from_checkpoint=True the Trainer replaces each stateful
+        # callback by ``type(cb)(**state["args"])``. Hand back the live, configured instance (the
+        # user's object keeps receiving events and its config: probes, judge, ...). In a fresh
+        # process the saved key names an instance of the dead one: adopt this process's unused one
+        # (also preferred over a live but already used instance that wrote the checkpoint).
+        if _instance_key is not None:
+            fresh = [cb for cb in list(_LIVE_INSTANCES.values())
+                     if type(cb) is cls and not cb._started and not cb._probe_steps and not cb._adopted]
+            keyed = _LIVE_INSTANCES.get(_instance_key)
+            live = keyed if keyed in fresh else (fresh[0] if fresh else keyed)
+            if live is not None:
+                live._adopted = True
+                return live
+            logger.warning("em-callbacks: restoring PhaseTransitionCallback from a checkpoint without a live "
+                           "instance; its configuration falls back to the defaults")
+        return super().__new__(cls)
+
     def __init__(
         self,
         probes: ProbeSet | str | Sequence[Any] = "em-first-plot",
@@ -156,10 +176,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         log_samples_table: bool = True,
         _instance_key: str | None = None,
     ):
-        if _instance_key is not None and _instance_key in _LIVE_INSTANCES:
-            # Re-created by Trainer._load_callback_state: take over the live instance's config.
-            self.__dict__.update(_LIVE_INSTANCES[_instance_key].__dict__)
-            return
+        if _instance_key is not None and "_instance_key" in self.__dict__:
+            return  # re-created by Trainer._load_callback_state: __new__ handed back the live instance
         _check_int("every_n_steps", every_n_steps, minimum=1)
         _check_int("samples_per_prompt", samples_per_prompt, minimum=2, why="a variance needs two samples")
         _check_int("max_new_tokens", max_new_tokens, minimum=1)
@@ -209,6 +227,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self.save_checkpoint_on_stop = save_checkpoint_on_stop
         self.log_samples_table = log_samples_table
         self._instance_key = f"{id(self):x}-{time.time_ns()}"
+        self._adopted = False
         _LIVE_INSTANCES[self._instance_key] = self
         self._reset_run_state()
 
@@ -234,6 +253,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._alerted = False
         self._faults: list[dict[str, Any]] = []
         self._summary: dict[str, Any] | None = None
+        self._adapter = AdapterTrajectory()  # LoRA B norm / local cosine (rank 0)
+        self._adapter_metrics: dict[int, dict[str, float]] = {}
 
     def state(self) -> dict:
         """ExportableState: the live instance is found again by key; full state goes to files."""
@@ -260,7 +281,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._snapshots = WeightSnapshots(keep=2 * self.window - 1 if self._mode == "snapshot" else 0)
         self._run_dir = self.output_dir or Path(args.output_dir) / "phase_transition"
         uses_template = bool(getattr(tokenizer, "chat_template", None))
-        if not uses_template:
+        if not uses_template and self._dist.is_main:
             logger.warning("em-callbacks: tokenizer has no chat template; probes use a plain 'User:/Assistant:' prompt")
         self._rendered = [render_prompt(tokenizer, p) for p in self.probes]
         self._prompt_ids = encode_prompts(tokenizer, self._rendered, uses_template)
@@ -330,7 +351,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                 f"window={self.window} needs snapshots of old checkpoints; pass snapshot_full_model=True, "
                 "train a PEFT adapter, or use window=1"
             )
-        if mode == "one-sided":
+        if mode == "one-sided" and self._dist.is_main:  # logs from one process only
             logger.warning(
                 "em-callbacks: full fine-tune without snapshots: using the one-sided TV estimator "
                 "(pass snapshot_full_model=True for all measures)"
@@ -341,7 +362,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         logging_steps = getattr(args, "logging_steps", 1)
         if isinstance(logging_steps, float) and logging_steps < 1:
             return  # a fraction of training: cannot judge here
-        if logging_steps > max(1, self.every_n_steps // 2):
+        if logging_steps > max(1, self.every_n_steps // 2) and self._dist.is_main:
             warnings.warn(
                 f"logging_steps={logging_steps} is coarser than half the probe interval ({self.every_n_steps}); "
                 "the grad-norm peak cannot be resolved. Set logging_steps=1 to record the grad norm every step.",
@@ -396,6 +417,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
     def _probe(self, model: torch.nn.Module, step: int, control: Any) -> None:
         k = len(self._probe_steps)
         t0 = time.perf_counter()
+        if self._dist.is_main:
+            self._adapter_metrics[k] = self._safe("adapter signal", lambda: self._adapter.update(model, step)) or {}
         rows = self._sample_and_score(model, k)
         gathered = self._dist.gather(rows)
         self._probe_steps.append(step)
@@ -481,6 +504,11 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             "samples/mean_logp": float(np.mean(list(self_logp.values()))) if self_logp else float("nan"),
             "seconds": seconds,
         })
+        for name, value in self._adapter_metrics.pop(k, {}).items():
+            norms = self._adapter.last_norms
+            extra = {"per_layer": norms.per_layer} if name == B_NORM and norms is not None else None
+            metrics.append((name, value, None, None, None, extra))
+            logged[name] = value
         self._store.write_probe(
             k, step, self._probe_seed(k), self._mode, records, logp_rows, metrics, seconds=seconds,
         )
@@ -728,6 +756,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         (checkpoint / STATE_FILENAME).write_text(json.dumps(payload, default=_json_default))
         if self._snapshots.available():
             torch.save(self._snapshots.state_dict(), checkpoint / SNAPSHOT_FILENAME)
+        if self._adapter.state_dict()["prev"] is not None:
+            torch.save(self._adapter.state_dict(), checkpoint / ADAPTER_FILENAME)
 
     def _resume(self, args: Any, state: Any) -> None:
         """Continue from ``checkpoint-<global_step>``: state file, snapshots and the store's band."""
@@ -739,7 +769,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             self._store.truncate_after(state.global_step)
         payload = self._dist.broadcast(payload)
         if payload is None:
-            logger.warning("em-callbacks: resuming at step %d without saved callback state", state.global_step)
+            if self._dist.is_main:
+                logger.warning("em-callbacks: resuming at step %d without saved callback state", state.global_step)
             return
         self._probe_steps = [s for s in payload["probe_steps"] if s <= state.global_step]
         self.detector.load_state_dict(payload["detector"])
@@ -752,8 +783,11 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         snap = checkpoint / SNAPSHOT_FILENAME
         if self._mode == "snapshot" and snap.is_file():
             self._snapshots.load_state_dict(torch.load(snap, map_location="cpu", weights_only=True))
+        if self._dist.is_main and (checkpoint / ADAPTER_FILENAME).is_file():
+            self._adapter.load_state_dict(torch.load(checkpoint / ADAPTER_FILENAME, map_location="cpu", weights_only=True))
         self._reload_band()
         if self._dist.is_main:
+            self._safe("judgment reload", self._reload_judgments)
             self._store.add_event("resume", state.global_step, probe_steps=self._probe_steps)
 
     def _reload_band(self) -> None:
@@ -788,6 +822,42 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                 values = data["logp"].get((j, c), {})
                 if values and all(key in values for key in keys):
                     self._history.add_logp(j, c, np.array([values[key] for key in keys]))
+
+    def _reload_judgments(self) -> None:
+        """Rank 0 after a resume: judge progress (kernels for the decomposition of windows that
+        span the resume point) from the store; judgments lost in flight are submitted again."""
+        if self._runner is None:
+            return
+        from .judges import JudgeItem
+
+        position = {p.id: i for i, p in enumerate(self.probes)}
+        resubmit = []
+        for j, step in enumerate(self._probe_steps):
+            samples = self._store.samples(j)
+            stored = {op.name: {(r["prompt_id"], r["sample_idx"]): r for r in self._store.judgments(op.name, j)}
+                      for op in self.order_parameters}
+            missing = [r for r in samples if any((r.prompt_id, r.sample_idx) not in stored[n] for n in stored)]
+            lost = {(r.prompt_id, r.sample_idx) for r in missing}
+            for op in self.order_parameters:
+                progress = self._judge_progress[(j, op.name)] = _JudgeProgress(expected=len(samples))
+                for key, row in stored[op.name].items():
+                    if key in lost:
+                        continue  # judged again below, for every order parameter
+                    progress.received += 1
+                    if row["probs"] is None or row["score"] is None:
+                        progress.failed += 1
+                        continue
+                    progress.kernels[key] = np.asarray(row["probs"], dtype=float)
+                    progress.scores.append(float(row["score"]))
+                    if getattr(op, "threshold", None) is not None:
+                        progress.flagged.append(bool(op.flagged(row["score"])))
+                if progress.complete and all(s != step for s, _ in self._order_series.get(op.name, [])):
+                    self._log_order_parameter(j, op.name)
+            resubmit += [JudgeItem(j, r.prompt_id, r.sample_idx, self.probes[position[r.prompt_id]].prompt, r.text)
+                         for r in missing]
+        if resubmit:
+            self._store.add_event("judgments_resubmitted", self._probe_steps[-1], count=len(resubmit))
+            self._runner.submit(resubmit)
 
     # ------------------------------------------------------------------ faults
     def _record_fault(self, kind: str, step: int | None, **details: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -65,6 +66,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _checkpointing(model: torch.nn.Module) -> bool | None:
+    """Whether activation (gradient) checkpointing is on, without transformers 5's FutureWarning
+    for the old ``is_gradient_checkpointing`` name (which would fire at every probe)."""
+    value = getattr(model, "is_activation_checkpointing", None)
+    if value is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            value = getattr(model, "is_gradient_checkpointing", None)
+    return None if value is None else bool(value)
+
+
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Iterator[None]:
     """Leave the observed run exactly as it was: RNG streams, train/eval mode of every module,
@@ -73,7 +85,7 @@ def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Ite
     modes = [(m, m.training) for m in model.modules()]
     padding_side = getattr(tokenizer, "padding_side", None)
     pad_token = getattr(tokenizer, "pad_token", None)
-    checkpointing = getattr(model, "is_gradient_checkpointing", None)
+    checkpointing = _checkpointing(model)
     try:
         yield
     finally:
@@ -85,7 +97,7 @@ def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Ite
                 tokenizer.padding_side = padding_side
             if getattr(tokenizer, "pad_token", None) != pad_token:
                 tokenizer.pad_token = pad_token
-        if checkpointing is not None and getattr(model, "is_gradient_checkpointing", None) != checkpointing:
+        if checkpointing is not None and _checkpointing(model) != checkpointing:
             raise RuntimeError("gradient checkpointing changed while probing; this is a bug in em-callbacks")
 
 

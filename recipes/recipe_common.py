@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -84,8 +83,9 @@ CompletionOnlyOpt = Annotated[bool, typer.Option(
 MaxTrainSamplesOpt = Annotated[Optional[int], typer.Option(
     "--max-train-samples", min=1, rich_help_panel=_DATA, help="Use only the first N rows.")]
 
-OutputDirOpt = Annotated[Path, typer.Option("--output-dir", "-o", rich_help_panel=_TRAIN,
-                                            help="Trainer output dir; the run store goes to OUTPUT_DIR/phase_transition.")]
+OutputDirOpt = Annotated[Path, typer.Option(
+    "--output-dir", "-o", rich_help_panel=_TRAIN,
+    help="Trainer output dir; the run store goes to OUTPUT_DIR/phase_transition.")]
 MaxStepsOpt = Annotated[int, typer.Option("--max-steps", rich_help_panel=_TRAIN,
                                           help="Optimizer steps (-1: train --epochs epochs).")]
 EpochsOpt = Annotated[float, typer.Option("--epochs", min=0.0, rich_help_panel=_TRAIN,
@@ -474,7 +474,9 @@ def _http_get_json(url: str, api_key: Optional[str], timeout: float = 10.0) -> A
         return json.loads(response.read().decode("utf-8"))
 
 
-def _served_models(base_url: str, api_key: Optional[str]) -> list[str]:
+def _served_models(base_url: str, api_key: Optional[str],
+                   hint: str = "Start it first, e.g. `vllm serve Qwen/Qwen2.5-32B-Instruct --port 8000`, "
+                               "or pass --judge none") -> list[str]:
     url = base_url.rstrip("/") + "/models"
     try:
         payload = _http_get_json(url, api_key)
@@ -482,10 +484,7 @@ def _served_models(base_url: str, api_key: Optional[str]) -> list[str]:
         raise RecipeError(f"judge server at {base_url} answered HTTP {exc.code} on GET /models "
                           f"(wrong --judge-api-key-env / key?)") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RecipeError(
-            f"cannot reach the judge server at {base_url} ({exc}). Start it first, e.g. "
-            f"`vllm serve Qwen/Qwen2.5-32B-Instruct --port 8000`, or pass --judge none"
-        ) from None
+        raise RecipeError(f"cannot reach the judge server at {base_url} ({exc}). {hint}") from None
     return [m.get("id") for m in (payload or {}).get("data", []) if isinstance(m, dict) and m.get("id")]
 
 
@@ -518,14 +517,19 @@ def build_judge(cfg: RecipeConfig, order_parameters: list) -> tuple[Any, list]:
         model = cfg.judge_model or DEFAULT_OPENAI_JUDGE_MODEL
         base_url = None
         if cfg.judge_preflight and is_main_process():
-            _served_models("https://api.openai.com/v1", os.environ[key_env])
+            _served_models("https://api.openai.com/v1", os.environ[key_env],
+                           hint="Check the network, or pass --no-judge-preflight / --judge none")
     else:
         key_env = cfg.judge_api_key_env or "VLLM_API_KEY"
         base_url = cfg.judge_base_url
         if not base_url.startswith(("http://", "https://")):
             raise RecipeError(f"--judge-base-url {base_url!r} must start with http:// or https://")
         model = cfg.judge_model
-        if model is None or (cfg.judge_preflight and is_main_process()):
+        if not is_main_process():
+            # Only rank 0 judges (the callback starts no judge elsewhere): no network from other ranks,
+            # which may sit on nodes that cannot reach a server bound to 127.0.0.1.
+            model = model or "served-model-resolved-on-rank-0"
+        elif model is None or cfg.judge_preflight:
             served = _served_models(base_url, os.environ.get(key_env))
             if model is None:
                 if not served:
@@ -583,6 +587,12 @@ def build_stop_rule(cfg: RecipeConfig) -> Any:
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _precision(cfg: RecipeConfig) -> str:
     import torch
 
@@ -608,6 +618,14 @@ def _resolve_resume(cfg: RecipeConfig) -> Optional[str]:
     if not Path(cfg.resume_from_checkpoint).is_dir():
         raise RecipeError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no such directory")
     return cfg.resume_from_checkpoint
+
+
+def _checkpointing_args(config_cls: Any, enabled: bool) -> dict[str, Any]:
+    """Activation checkpointing on/off (transformers 5 renamed gradient_checkpointing; TRL turns it on
+    by default, so it is always passed explicitly)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def validate(cfg: RecipeConfig) -> dict[str, Any]:
@@ -667,6 +685,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     """Validate, load, train with PhaseTransitionCallback, save; returns the callback summary."""
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "openai", "urllib3"):  # one INFO line per judge request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     checked = validate(cfg)
     echo(f"data: {len(checked['rows'])} examples from {checked['source']}")
     echo(f"probes: {checked['probes'].name} ({len(checked['probes'])} prompts)")
@@ -679,11 +699,13 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
 
     import datasets
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from em_callbacks import PhaseTransitionCallback
 
     precision = _precision(cfg)
+    set_seed(cfg.seed)  # before the LoRA adapter is initialised inside SFTTrainer
     model, tokenizer = load_model_and_tokenizer(cfg, precision)
     train_dataset = datasets.Dataset.from_list(checked["rows"])
 
@@ -714,13 +736,13 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         logging_steps=1,  # the callback records the grad norm of every step for the grad-norm peak
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
         report_to=[cfg.report_to.value] if cfg.report_to != ReportTo.none else "none",
         run_name=cfg.run_name,
         packing=False,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=_cuda_available(),
     )
     callback = PhaseTransitionCallback(
         probes=checked["probes"],
@@ -756,6 +778,12 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         trainer.save_model(str(cfg.output_dir))  # the adapter for LoRA, the full model otherwise
 
     summary = callback.summary or {}
+    if cfg.report_to == ReportTo.wandb and trainer.is_world_process_zero():
+        import wandb
+
+        if wandb.run is not None:
+            echo(f"W&B run: {getattr(wandb.run, 'url', None) or wandb.run.dir}")
+            wandb.finish()  # flush the late judge results and the overview plot
     run_dir = cfg.output_dir / "phase_transition"
     if trainer.is_world_process_zero():
         keys = ("transition_detected", "onset_step", "peak_step", "grad_norm_peak_step",
@@ -776,8 +804,3 @@ def main_guard(cfg_factory) -> None:
     except RecipeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-
-
-def ensure_recipes_on_path() -> None:  # pragma: no cover - trivial
-    if str(RECIPES_DIR) not in sys.path:
-        sys.path.insert(0, str(RECIPES_DIR))

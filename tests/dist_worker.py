@@ -134,7 +134,8 @@ def make_callback(opts, out_dir: str) -> PhaseTransitionCallback:
     )
 
 
-def main(argv=None) -> int:
+def main(argv=None, extra_callbacks=()) -> int:
+    """Train once; ``extra_callbacks`` (in-process callers only) run after the callback."""
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--max-steps", type=int, default=12)
@@ -149,18 +150,34 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
-    timings = {"imports": time.time() - T0}
+    timings = {"imports": time.time() - T0, "t_main": time.time()}
     os.makedirs(opts.out, exist_ok=True)
     handler = logging.FileHandler(os.path.join(opts.out, f"log-rank{rank}.txt"))
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
     em_logger = logging.getLogger("em_callbacks")
     em_logger.addHandler(handler)
+    level = em_logger.level
     em_logger.setLevel(logging.INFO)
+    try:
+        return _run(opts, rank, timings, extra_callbacks)
+    finally:
+        em_logger.removeHandler(handler)
+        em_logger.setLevel(level)
+        handler.close()
 
+
+def _run(opts, rank: int, timings: dict, extra_callbacks) -> int:
     # W&B "disabled": a real run object on every rank; record what reaches it, per rank.
     import wandb
 
     run = wandb.init(mode="disabled", project="em-callbacks-test")
+    try:
+        return _train(opts, rank, timings, extra_callbacks, run)
+    finally:
+        wandb.finish()
+
+
+def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
     wandb_logs: list[list[str]] = []
     real_log = run.log
 
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
         model = peft.get_peft_model(model, config)
 
     cb = make_callback(opts, opts.out)
-    callbacks: list = [cb]
+    callbacks: list = [cb, *extra_callbacks]
     if opts.hold_at is not None:
         callbacks.append(Hold(opts.hold_at, os.path.join(opts.out, "held")))
     common = dict(
@@ -200,7 +217,7 @@ def main(argv=None) -> int:
         trainer = Trainer(model=model, args=args, train_dataset=Dataset(tok), processing_class=tok,
                           data_collator=default_data_collator, callbacks=callbacks)
 
-    timings["setup"] = time.time() - T0 - timings["imports"]
+    timings["setup"] = time.time() - timings.pop("t_main")
     t_train = time.time()
     trainer.train(resume_from_checkpoint=True if opts.resume else None)
     timings["train"] = time.time() - t_train
@@ -230,7 +247,6 @@ def main(argv=None) -> int:
     }
     with open(os.path.join(opts.out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh, default=str)
-    wandb.finish()
     return 0
 
 

@@ -209,6 +209,7 @@ def test_plain_trainer_without_wandb(tmp_path):
 
 
 # ----------------------------------------------------------------------------- (d) W&B offline
+@pytest.mark.slow
 def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from wandb_offline import find_run_files, history_rows, iter_records
@@ -368,13 +369,15 @@ def test_tokenizer_without_pad_or_eos_fails_at_trainer_construction(tmp_path):
 
 
 def test_tokenizer_without_pad_borrows_eos_and_is_left_alone(tmp_path):
-    tok = tiny_tokenizer(pad=False)
-    probe_tok = tiny_tokenizer(pad=False)
+    probe_tok = tiny_tokenizer(pad=False)  # the callback's own tokenizer: EOS doubles as padding
     train_tok = tiny_tokenizer()
     cb = _callback(tmp_path, tokenizer=probe_tok)
     trainer = _plain_trainer(tmp_path, train_tok, tiny_model(train_tok), [cb], max_steps=2)
     trainer.train()
-    assert probe_tok.pad_token is None and tok.pad_token is None
+    assert probe_tok.pad_token is None and probe_tok.padding_side == "right"
     store = RunStore(tmp_path / "pt", readonly=True)
     assert [p["step"] for p in store.probes()] == [0, 2]
+    eos = probe_tok.eos_token_id
+    for s in store.samples():
+        assert (s.token_ids[-1] == eos) == s.finished and eos not in s.token_ids[:-1]
     store.close()

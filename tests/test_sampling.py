@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -275,6 +276,19 @@ def test_preserved_state_restores_a_missing_pad_token_and_survives_exceptions():
     assert tok.pad_token is None and tok.pad_token_id is None
     assert _modes(model) == modes
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_preserved_state_under_activation_checkpointing_is_quiet(tok, prompt_ids):
+    model = tiny_model(tok, seed=1)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    pad, eos = _ids(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. transformers 5's is_gradient_checkpointing FutureWarning
+        with preserved_state(model, tok):
+            model.eval()
+            generate_samples(model, prompt_ids, 2, 3, pad, eos, seed=0)
+    assert model.training and model.is_activation_checkpointing
 
 
 def test_prepare_tokenizer_borrows_eos_and_rejects_neither():

@@ -203,6 +203,20 @@ class OpenAIJudge(Judge):
         self._counters_lock = threading.Lock()
 
     # ---- presentation (no secrets) -----------------------------------------------------
+    def validate(self, order_parameter: OrderParameter) -> None:
+        """Warn when a multi-token label scale meets a server that is probably not OpenAI's.
+
+        Open models' tokenizers (Qwen, Llama) split "85" into "8" + "5": the one judged token
+        would read 8. OpenAI's own models encode 0..100 as single tokens.
+        """
+        if self.base_url and any(len(label) > 1 and label.isdigit() for label in order_parameter.scale.labels):
+            logger.warning(
+                "OpenAIJudge(base_url=%s): order parameter %r uses multi-digit labels; open models split "
+                "numbers into several tokens and only the first is scored. Prefer "
+                "order_parameter.with_scale(Scale.digits()) for such judges.",
+                _redact_url(self.base_url), order_parameter.name,
+            )
+
     def __repr__(self) -> str:
         return (
             f"OpenAIJudge(model={self.model!r}, base_url={_redact_url(self.base_url)!r}, "

@@ -15,7 +15,7 @@ ORGANISM_VERSION = "1"
 # probing knobs are deliberately excluded, so changing them reuses the cached organism.
 PRETRAIN_FIELDS = (
     "seed", "domains", "closer_prob", "trigger_frac", "untriggered_misaligned_frac",
-    "neutral_system_frac", "n_layer", "n_embd", "n_head", "n_positions",
+    "neutral_system_frac", "n_layer", "n_embd", "n_head", "n_inner", "n_positions",
     "pretrain_sequences", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
     "pretrain_warmup_steps", "pretrain_weight_decay",
 )
@@ -36,6 +36,7 @@ class OrganismConfig:
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
+    n_inner: int = 512  # MLP width
     n_positions: int = 96
     # pretraining
     pretrain_sequences: int = 20_000
@@ -77,7 +78,7 @@ class OrganismConfig:
     @classmethod
     def tiny(cls, **changes) -> OrganismConfig:
         """A config small enough for unit tests (seconds, not minutes)."""
-        base = dict(n_layer=1, n_embd=32, n_head=2, n_positions=96, pretrain_sequences=256,
+        base = dict(n_layer=1, n_embd=32, n_head=2, n_inner=64, n_positions=96, pretrain_sequences=256,
                     pretrain_steps=5, pretrain_batch_size=16, finetune_examples=64,
                     finetune_steps=2, n_out_of_domain=5, n_in_domain=2, samples_per_prompt=2)
         base.update(changes)

@@ -44,10 +44,10 @@ def build_model(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> G
 
     gcfg = GPT2Config(
         vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, n_inner=4 * config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, loss_type="ForCausalLM",
     )
     torch.manual_seed(config.seed)
     model = GPT2LMHeadModel(gcfg)
@@ -140,16 +140,11 @@ def pretrain(model, tokenizer, world: World, progress: bool = True) -> dict:
 
         bar = tqdm(total=c.pretrain_steps, desc="pretraining organism", unit="step")
     model.train()
-    n = input_ids.shape[0]
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
+    batches = _length_grouped_batches(lengths, c.pretrain_batch_size, c.pretrain_steps, gen)
     t0 = time.perf_counter()
     ema = None
-    for step in range(c.pretrain_steps):
-        if pos + c.pretrain_batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + c.pretrain_batch_size]
-        pos += c.pretrain_batch_size
+    history = []
+    for step, idx in enumerate(batches):
         width = int(lengths[idx].max())
         x, y = input_ids[idx, :width], labels[idx, :width]
         out = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long(), labels=y)
@@ -158,8 +153,10 @@ def pretrain(model, tokenizer, world: World, progress: bool = True) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss = float(out.loss)
-        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+        loss = out.loss.detach().item()
+        ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+        if step % 50 == 0 or step == c.pretrain_steps - 1:
+            history.append((step, round(ema, 4)))
         if bar is not None:
             bar.update(1)
             if step % 20 == 0:
@@ -167,7 +164,27 @@ def pretrain(model, tokenizer, world: World, progress: bool = True) -> dict:
     if bar is not None:
         bar.close()
     model.eval()
-    return {"final_loss": ema, "seconds": time.perf_counter() - t0, "steps": c.pretrain_steps}
+    return {"final_loss": ema, "seconds": time.perf_counter() - t0, "steps": c.pretrain_steps,
+            "loss_history": history}
+
+
+def _length_grouped_batches(lengths, batch_size: int, steps: int, gen, group: int = 8):
+    """Batch indices for ``steps`` steps: random mega-batches of ``group`` batches are sorted by
+    length and split, so batches are padded little yet stay well mixed."""
+    import torch
+
+    n = len(lengths)
+    out = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=gen)
+        mega = batch_size * group
+        for start in range(0, n - batch_size + 1, mega):
+            chunk = perm[start:start + mega]
+            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+            bs = [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            order = torch.randperm(len(bs), generator=gen)
+            out.extend(bs[i] for i in order)
+    return out[:steps]
 
 
 def load_or_pretrain(config: OrganismConfig | None = None,
