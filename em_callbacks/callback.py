@@ -192,6 +192,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             raise CallbackConfigError(f"primary_measure {primary_measure!r} must be one of measures {measures}")
         if cross_scoring not in CROSS_SCORING_MODES:
             raise CallbackConfigError(f"cross_scoring must be one of {CROSS_SCORING_MODES}, got {cross_scoring!r}")
+        if cross_scoring == "one-sided" and window != 1:
+            raise CallbackConfigError("the one-sided estimator needs window=1 (it cannot score new samples under old checkpoints)")
         try:
             self.probes = ProbeSet.coerce(probes)
         except ValueError as exc:
@@ -259,6 +261,11 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         """ExportableState: the live instance is found again by key; full state goes to files."""
         return {"args": {"_instance_key": self._instance_key}, "attributes": {}}
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Folder of the run store and summary.json (known from ``on_train_begin``)."""
+        return getattr(self, "_run_dir", None)
 
     @property
     def store(self) -> RunStore | None:
@@ -362,9 +369,9 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         logging_steps = getattr(args, "logging_steps", 1)
         if isinstance(logging_steps, float) and logging_steps < 1:
             return  # a fraction of training: cannot judge here
-        if logging_steps > max(1, self.every_n_steps // 2) and self._dist.is_main:
+        if logging_steps > max(1, self.every_n_steps // 5) and self._dist.is_main:
             warnings.warn(
-                f"logging_steps={logging_steps} is coarser than half the probe interval ({self.every_n_steps}); "
+                f"logging_steps={logging_steps} is coarse against the probe interval ({self.every_n_steps}); "
                 "the grad-norm peak cannot be resolved. Set logging_steps=1 to record the grad norm every step.",
                 stacklevel=2,
             )
