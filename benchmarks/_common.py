@@ -182,6 +182,7 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.durations: dict[str, list[float]] = defaultdict(list)
         self._patches: list[tuple[Any, str, Any]] = []
 
     def wrap(self, owner: Any, attr: str, label: str | None = None) -> None:
@@ -194,8 +195,10 @@ class PhaseTimer:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self.seconds[label] += dt
                 self.calls[label] += 1
+                self.durations[label].append(dt)
 
         self._patches.append((owner, attr, original))
         setattr(owner, attr, timed)
@@ -208,6 +211,7 @@ class PhaseTimer:
     def reset(self) -> None:
         self.seconds.clear()
         self.calls.clear()
+        self.durations.clear()
 
     def __enter__(self) -> "PhaseTimer":
         return self
@@ -287,11 +291,20 @@ def machine_header(title: str) -> str:
     return "\n".join(lines)
 
 
-def set_threads() -> None:
-    """Use every core we have (the default); overridable with BENCH_THREADS."""
-    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
+def set_threads(requested: str | int | None = "auto") -> str:
+    """Set torch's intra-op threads. ``auto``: one thread when the machine is already loaded
+    (1-min load average >= 75% of the cores: on an oversubscribed machine torch's OpenMP
+    barriers wait for descheduled threads and small ops get 5-10x slower), else torch's
+    default. An integer forces that many. Returns a description for the header."""
+    requested = os.environ.get("BENCH_THREADS") or requested or "auto"
+    if str(requested) == "auto":
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load >= 0.75 * cores:
+            torch.set_num_threads(1)
+            return f"1 (auto: load {load:.1f} on {cores} cores)"
+        return f"{torch.get_num_threads()} (auto: torch default)"
+    torch.set_num_threads(int(requested))
+    return str(int(requested))
 
 
 @contextlib.contextmanager

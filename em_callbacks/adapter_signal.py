@@ -1,10 +1,12 @@
 """LoRA adapter signals of an emergent-misalignment transition (Model Organisms for EM).
 
-Turner, Soligo et al. (2025, "Model Organisms for Emergent Misalignment") watch the LoRA
-*B* matrices while a narrow fine-tune flips the model: the B norm grows fastest around the
-behavioural transition, and the trajectory of the (flattened, for rank 1 the "B-vector")
-B parameters turns sharply there: the *local cosine similarity* between consecutive parameter
-deltas, ``cos(Δ_t, Δ_{t-1})`` with ``Δ_t = θ_t - θ_{t-1}`` taken between probe steps, dips.
+Turner et al. (2025, "Model Organisms for Emergent Misalignment") track the LoRA *B*
+weights of (rank-1) adapters through a narrow fine-tune and report the behavioural
+transition as an abrupt change of the adapter's trajectory. Two cheap per-probe signals:
+the B norm (total Frobenius norm of all ``lora_B`` weights; for rank 1 the norm of the
+stacked "B-vector"), and the *local cosine similarity* of the trajectory,
+``cos(Δ_{t-1}, Δ_t)`` with ``Δ_t = θ_t - θ_{t-1}`` between consecutive probe steps (near 1
+while the parameters move in a steady direction; a dip marks a turn).
 
 Everything here is a pure function of the named parameters (``model.named_parameters()``),
 except :class:`AdapterTrajectory`, which keeps the last flat vector and the last delta (CPU,

@@ -83,6 +83,16 @@ class _Distributed:
 
         return gather_object(items)
 
+    def max_int(self, value: int, device: torch.device) -> int:
+        """The largest ``value`` over ranks (sharded models need equal forward-pass counts)."""
+        if self.world_size == 1:
+            return value
+        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        box = torch.tensor([value], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        return int(box.item())
+
     def broadcast(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj
@@ -280,6 +290,10 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._validate_tokenizer(self.tokenizer or processing_class)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self._started or self._probe_steps:
+            # The same object reused for another train(): start from a clean slate.
+            self._reset_run_state()
+            self.detector.reset()
         tokenizer = self.tokenizer or processing_class
         pad_id, eos_id = self._validate_tokenizer(tokenizer)
         self._tok, self._pad_id, self._eos_id = tokenizer, pad_id, eos_id
@@ -473,9 +487,10 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
 
     def _score_rows(self, model: torch.nn.Module, sample_probe: int, checkpoint: int) -> list[tuple]:
         samples = self._local_samples[sample_probe]
+        device = next(model.parameters()).device
         logp = sequence_logprobs(
             model, [self._prompt_ids[int(p)] for p in samples.prompt_index], samples.completion_ids, self._pad_id,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size, sync_batches=lambda n: self._dist.max_int(n, device),
         )
         return [("logp", sample_probe, self.probes[int(p)].id, int(s), checkpoint, float(v))
                 for p, s, v in zip(samples.prompt_index, samples.sample_index, logp)]

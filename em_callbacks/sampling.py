@@ -13,7 +13,7 @@ import contextlib
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -261,33 +261,53 @@ def sequence_logprobs(
     completion_ids: Sequence[Sequence[int]],
     pad_id: int,
     batch_size: int = 64,
+    max_logit_elements: int = 2**28,
+    sync_batches: Callable[[int], int] | None = None,
 ) -> np.ndarray:
     """Exact log p(completion | prompt) by teacher forcing, one value per (prompt, completion) pair.
 
     Rows are right-padded so position ids are the natural 0..L-1, the same positions that
-    left-padded generation assigns from the attention mask. Computed in float32 from the
-    model's logits whatever the model dtype.
+    left-padded generation assigns from the attention mask. Log-softmax is taken in float32
+    whatever the model dtype. Batches shrink so that batch x length x vocab stays under
+    ``max_logit_elements`` (a 150k-token vocabulary would otherwise need gigabytes of logits).
+    ``sync_batches(n_local) -> n_all`` lets sharded (ZeRO-3/FSDP) ranks agree on a common
+    number of forward passes; the extra ones run on a dummy row.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError("prompt_ids and completion_ids must pair up")
     device = _model_device(model)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32_000)
     out = np.empty(len(completion_ids), dtype=np.float64)
-    order = np.argsort([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)])  # less padding
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-        for r, (i, seq) in enumerate(zip(idx, seqs)):
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    order = np.argsort(lengths, kind="stable")  # similar lengths together: less padding
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        rows = batch_size
+        # lengths ascend along `order`, so the last row of a batch sets its width
+        while rows > 1 and rows * lengths[order[min(start + rows, len(order)) - 1]] * vocab > max_logit_elements:
+            rows //= 2
+        batches.append(order[start : start + rows])
+        start += rows
+    n_calls = sync_batches(len(batches)) if sync_batches is not None else len(batches)
+    for b in range(max(n_calls, len(batches))):
+        idx = batches[b] if b < len(batches) else None
+        rows_ids = [list(prompt_ids[i]) + list(completion_ids[i]) for i in idx] if idx is not None else [[pad_id, pad_id]]
+        width = max(len(r) for r in rows_ids)
+        ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+        target_mask = torch.zeros((len(rows_ids), width), dtype=torch.bool)
+        for r, seq in enumerate(rows_ids):
             ids[r, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[r, : len(seq)] = 1
-            target_mask[r, len(prompt_ids[i]) : len(seq)] = True
+            if idx is not None:
+                target_mask[r, len(prompt_ids[idx[r]]) : len(seq)] = True
         ids, mask, target_mask = ids.to(device), mask.to(device), target_mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        if idx is None:
+            continue
+        targets = ids[:, 1:]
+        token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - torch.logsumexp(logits.float(), dim=-1)
         token_lp = torch.where(target_mask[:, 1:], token_lp, torch.zeros_like(token_lp))
         out[idx] = token_lp.sum(dim=-1).double().cpu().numpy()
     return out

@@ -231,6 +231,9 @@ def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
     (run_file,) = find_run_files(tmp_path / "wandb_dir")
     rows = history_rows(run_file)
     d_rows = [r for r in rows if "probe/D/tv" in r]
+    for r in rows:  # DEBUG-TMP
+        print("ROW", {k: (v if not isinstance(v, dict) else "T") for k, v in r.items() if not k.startswith("_")})  # DEBUG-TMP
+    print("EVENTS", store.events(), "STEPS", cb._probe_steps)  # DEBUG-TMP
     d_tv = store.metric_series("D/tv")
     assert sorted(r["probe/step"] for r in d_rows) == d_tv["step"].tolist() == [0, 2]
     for r in d_rows:  # D(t_i) logged at t_i, same values as the store, with its stderr and the other measures

@@ -49,7 +49,7 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
         logging_steps=1, logging_strategy="steps", save_strategy="steps" if save else "no",
         eval_strategy="no", report_to=report_to, use_cpu=True, seed=seed, data_seed=seed,
         completion_only_loss=True, max_length=tokenizer.model_max_length,
-        gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0,
+        activation_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0,
         disable_tqdm=True, max_grad_norm=1.0, optim="adamw_torch",
     )
     args.update(sft_kwargs)

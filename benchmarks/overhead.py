@@ -1,0 +1,408 @@
+"""What the monitor costs a fine-tune: training wall time with and without the callback.
+
+Workload (realistic proportions, see ``_common.py``): GPT-2 of 5.4M parameters (4 layers,
+256 dims, vocab 8192), batches of 16 x 256 tokens, the callback with its default probe settings
+(em-first-plot: 8 prompts x 16 samples, batch 64) at 64 new tokens and an instant RuleJudge
+with two order parameters; full fine-tune (one-sided estimator, the default) and LoRA (r=16 on
+every projection, two-sided estimator with adapter snapshots).
+
+Two measurements, each A (no callback) and B (callback) in the same process:
+
+1. Interval accounting (default). A real fine-tune with the callback probing every
+   ``--probe-every`` steps (dense, so a few minutes hold several probes) and the same
+   fine-tune without it. Per-step training time (``StepClock``) and the wall time of every
+   callback hook are recorded, and the callback's internal phases are timed by wrapping
+   ``generate_samples``, ``sequence_logprobs``, snapshot capture, the rank-0 bookkeeping and
+   the judge. The overhead of the real schedule (a probe every ``--interval`` = 25 steps) is
+
+       steady state:     median probe seconds / (interval x median step seconds without callback)
+       N-interval run:   (first probe + N probes + end-of-training drain) / (N x interval x step)
+
+   Probe cost does not depend on how many steps lie between probes (every probe samples once
+   and scores the same band), so the dense schedule measures the same per-probe work.
+   Checks printed: the training steps of the B run are as fast as those of the A run (the
+   callback does not slow the steps it watches), and B's wall time = its steps + its hooks.
+
+2. End-to-end (``--end-to-end``): the same fine-tune of ``--e2e-intervals`` x 25 steps, with
+   and without the callback, interleaved ABAB ``--e2e-rounds`` times: the plain wall-time
+   ratio. On the reference 2-core CPU machine one 50-step run takes ~10 minutes, hence opt-in.
+
+3. The model organism (``em-callbacks demo``'s fine-tune: probes every 2 steps of a very
+   cheap step, so its overhead is large by design), A/B on the same fine-tune, with the
+   phase shares. Skipped with ``--no-organism``; needs the organism cache (pretrained once).
+
+Usage: python benchmarks/overhead.py [--quick] [--modes full,lora] [--end-to-end] [--no-organism]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    LoadSampler,
+    PhaseTimer,
+    RandomTokens,
+    add_lora,
+    build_callback,
+    build_model,
+    build_tokenizer,
+    build_trainer,
+    machine_header,
+    median,
+    param_counts,
+    quiet,
+    set_threads,
+    spread,
+)
+
+import torch  # noqa: E402
+from transformers import TrainerCallback, default_data_collator  # noqa: E402
+
+TARGET = 0.10
+
+
+class StepClock(TrainerCallback):
+    """Wall time of each optimizer step, from ``on_step_begin`` to ``on_step_end``; listed before
+    the monitored callback, so its ``on_step_end`` (where probes run) is not included."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self._t0 = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.steps.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+
+HOOKS = ("on_init_end", "on_train_begin", "on_step_end", "on_log", "on_save", "on_train_end")
+
+
+def instrument(timer: PhaseTimer) -> None:
+    """Time the callback's hooks and its internal phases (class/module-level wraps)."""
+    import em_callbacks.callback as cbmod
+    from em_callbacks.adapter_signal import AdapterTrajectory
+    from em_callbacks.judges import RuleJudge
+    from em_callbacks.sampling import WeightSnapshots
+
+    cls = cbmod.PhaseTransitionCallback
+    for hook in HOOKS:
+        timer.wrap(cls, hook, f"hook:{hook}")
+    timer.wrap(cls, "_probe", "probe")
+    timer.wrap(cls, "_sample_and_score", "sample_and_score")
+    timer.wrap(cbmod, "generate_samples", "generate")
+    timer.wrap(cbmod, "sequence_logprobs", "score")
+    timer.wrap(WeightSnapshots, "capture", "snapshot_capture")
+    timer.wrap(cls, "_record_probe", "bookkeeping")
+    timer.wrap(cls, "_collect_judgments", "collect_judgments")
+    timer.wrap(cls, "_finish", "finish")
+    timer.wrap(AdapterTrajectory, "update", "adapter_signal")
+    timer.wrap(RuleJudge, "judge_now", "judge")  # runs on the judge runner's thread
+
+
+def hook_seconds(timer: PhaseTimer) -> float:
+    return sum(v for k, v in timer.seconds.items() if k.startswith("hook:") and k != "hook:on_init_end")
+
+
+def phase_table(timer: PhaseTimer, indent: str = "    ") -> list[str]:
+    """Shares of the callback's time (hooks during training, i.e. what training waits for)."""
+    total = hook_seconds(timer)
+    s = timer.seconds
+    other_sample_score = s["sample_and_score"] - s["generate"] - s["score"] - s["snapshot_capture"]
+    probe_other = s["probe"] - s["sample_and_score"] - s["bookkeeping"] - s["adapter_signal"]
+    rows = [
+        ("sampling: generate_samples", s["generate"], timer.calls["generate"]),
+        ("scoring: sequence_logprobs (all passes)", s["score"], timer.calls["score"]),
+        ("snapshots: capture", s["snapshot_capture"], timer.calls["snapshot_capture"]),
+        ("snapshot swap + RNG/mode save-restore + rows", other_sample_score, None),
+        ("bookkeeping: D, store, judge submit, detect", s["bookkeeping"], timer.calls["bookkeeping"]),
+        ("adapter signal (LoRA B norms)", s["adapter_signal"], timer.calls["adapter_signal"]),
+        ("other in _probe (gather/broadcast)", probe_other, None),
+        ("judge results collection (every step)", s["collect_judgments"], timer.calls["collect_judgments"]),
+        ("end of training: drain judges, summary", s["finish"], timer.calls["finish"]),
+    ]
+    accounted = sum(r[1] for r in rows)
+    rows.append(("rest of the hooks (on_log, grad norms, ...)", total - accounted, None))
+    out = [f"{indent}{'phase':<48}{'seconds':>9}{'share':>8}  calls"]
+    for name, sec, calls in rows:
+        share = sec / total if total > 0 else float("nan")
+        out.append(f"{indent}{name:<48}{sec:>9.2f}{share:>8.1%}  {'' if calls is None else calls}")
+    out.append(f"{indent}{'callback total (hooks, blocking training)':<48}{total:>9.2f}{1:>8.0%}")
+    out.append(f"{indent}{'judging (RuleJudge, background thread)':<48}{s['judge']:>9.3f}"
+               f"{s['judge'] / total if total else float('nan'):>8.1%}  {timer.calls['judge']} judgments "
+               "(concurrent with training, not blocking)")
+    return out
+
+
+def run_once(mode: str, with_callback: bool, steps: int, probe_every: int, workdir: Path, tokenizer,
+             timer: PhaseTimer, max_new_tokens: int, seed: int = 0) -> dict:
+    with quiet():
+        model = build_model(tokenizer, seed=seed)
+        if mode == "lora":
+            model = add_lora(model)
+        dataset = RandomTokens(steps * 16 + 16, 256, len(tokenizer), seed=seed)
+        clock = StepClock()
+        callbacks: list = [clock]
+        cb = None
+        if with_callback:
+            cb = build_callback(workdir / "pt", every_n_steps=probe_every, max_new_tokens=max_new_tokens)
+            callbacks.append(cb)
+        trainer = build_trainer(model, tokenizer, dataset, workdir / "trainer", steps=steps, callbacks=callbacks,
+                                seed=seed)
+        trainer.data_collator = default_data_collator
+        timer.reset()
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    store_seconds = []
+    if cb is not None and cb.store is not None:
+        from em_callbacks.store import RunStore
+
+        with quiet():
+            store = RunStore(workdir / "pt", readonly=True)
+            store_seconds = [p["seconds"] for p in store.probes()]
+            store.close()
+    result = {
+        "mode": mode, "with": with_callback, "wall": wall, "steps": list(clock.steps),
+        "hooks": hook_seconds(timer), "probes": list(timer.durations.get("probe", [])),
+        "store_seconds": store_seconds, "timer_seconds": dict(timer.seconds), "timer_calls": dict(timer.calls),
+        "params": param_counts(model),
+    }
+    return result
+
+
+def accounting(args, tokenizer, timer: PhaseTimer, log) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for rnd in range(args.rounds):
+        for mode in modes:
+            order = (False, True) if rnd % 2 == 0 else (True, False)  # ABBA across rounds
+            for with_cb in order:
+                workdir = Path(tempfile.mkdtemp(prefix=f"overhead-{mode}-"))
+                try:
+                    res = run_once(mode, with_cb, args.steps, args.probe_every, workdir, tokenizer, timer,
+                                   args.max_new_tokens)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                key = f"{mode}/{'B' if with_cb else 'A'}"
+                agg = results.setdefault(key, {"wall": [], "steps": [], "hooks": [], "probes": [], "first": [],
+                                               "store_seconds": [], "timer": PhaseTimer(), "params": res["params"]})
+                agg["wall"].append(res["wall"])
+                agg["steps"] += res["steps"]
+                agg["hooks"].append(res["hooks"])
+                if res["probes"]:
+                    agg["first"].append(res["probes"][0])
+                    agg["probes"] += res["probes"][1:]
+                    agg["store_seconds"] += res["store_seconds"][1:]
+                    agg["finish"] = agg.get("finish", []) + [res["timer_seconds"].get("finish", 0.0)]
+                    for k, v in res["timer_seconds"].items():
+                        agg["timer"].seconds[k] += v
+                    for k, v in res["timer_calls"].items():
+                        agg["timer"].calls[k] += v
+                log(f"  [{mode} {'with' if with_cb else 'without'} callback] wall {res['wall']:.1f} s, "
+                    f"median step {median(res['steps']):.2f} s, callback hooks {res['hooks']:.1f} s, "
+                    f"probes {[round(p, 1) for p in res['probes']]} s (load {os.getloadavg()[0]:.2f})")
+    return results
+
+
+def report_accounting(results: dict[str, dict], args, log) -> dict[str, float]:
+    verdicts = {}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        a, b = results.get(f"{mode}/A"), results.get(f"{mode}/B")
+        if not a or not b:
+            continue
+        total, trainable = b["params"]
+        step_a, step_b = median(a["steps"]), median(b["steps"])
+        probe = median(b["probes"]) if b["probes"] else median(b["first"])
+        first = median(b["first"])
+        finish = median(b.get("finish", [0.0]))
+        steady = probe / (args.interval * step_a)
+        n = args.project_intervals
+        run_n = (first + n * probe + finish) / (n * args.interval * step_a)
+        dense_ratio = median(b["wall"]) / median(a["wall"]) - 1
+        train_b = [w - h for w, h in zip(b["wall"], b["hooks"])]
+        log("")
+        log(f"-- {mode} fine-tune: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable "
+            f"({'one-sided' if mode == 'full' else 'two-sided, adapter snapshots'})")
+        log(f"  training step, A (no callback):        {spread(a['steps'])} s")
+        log(f"  training step, B (callback attached):  {spread(b['steps'])} s   B/A = {step_b / step_a:.3f}")
+        log(f"  first probe (step 0, one scoring pass): {spread(b['first'])} s")
+        log(f"  steady-state probe (hook wall time):    {spread(b['probes'])} s "
+            f"= {probe / step_a:.2f} training steps")
+        if b["store_seconds"]:
+            log(f"  store probes.seconds (sample+score):    {spread(b['store_seconds'])} s")
+        log(f"  end-of-training drain + summary:        {finish:.2f} s")
+        log(f"  measured run ({args.steps} steps, probe every {args.probe_every}): wall A {spread(a['wall'])} s, "
+            f"B {spread(b['wall'])} s, B/A - 1 = {dense_ratio:+.1%} (dense schedule, not the target figure)")
+        log(f"  consistency: B wall - B hooks = {spread(train_b)} s vs A wall {spread(a['wall'])} s "
+            f"(ratio {median(train_b) / median(a['wall']):.3f})")
+        status = "MET" if steady <= TARGET else "MISSED"
+        log(f"  => overhead at a probe every {args.interval} steps: steady state {steady:.1%}; "
+            f"a {n * args.interval}-step run ({n + 1} probes) {run_n:.1%}   target <= {TARGET:.0%}: {status}")
+        log("  where the callback's time goes (all B runs):")
+        for line in phase_table(b["timer"]):
+            log(line)
+        verdicts[mode] = steady
+    return verdicts
+
+
+def end_to_end(args, tokenizer, timer: PhaseTimer, log) -> None:
+    steps = args.e2e_intervals * args.interval
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        walls = {"A": [], "B": []}
+        for rnd in range(args.e2e_rounds):
+            order = ("A", "B") if rnd % 2 == 0 else ("B", "A")
+            for v in order:
+                workdir = Path(tempfile.mkdtemp(prefix=f"overhead-e2e-{mode}-"))
+                try:
+                    res = run_once(mode, v == "B", steps, args.interval, workdir, tokenizer, timer, args.max_new_tokens)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                walls[v].append(res["wall"])
+                log(f"  [e2e {mode} {v}] {steps} steps: {res['wall']:.1f} s (load {os.getloadavg()[0]:.2f})")
+        ratios = [b / a - 1 for a, b in zip(walls["A"], walls["B"])]
+        log(f"-- end-to-end {mode}, {steps} steps, probe every {args.interval}: A {spread(walls['A'])} s, "
+            f"B {spread(walls['B'])} s, paired overhead {spread(ratios)}  target <= {TARGET:.0%}: "
+            f"{'MET' if median(ratios) <= TARGET else 'MISSED'}")
+
+
+def organism(args, timer: PhaseTimer, log) -> None:
+    """The CPU demo's fine-tune, with and without the callback (settings of ``run_demo``)."""
+    try:
+        from em_callbacks.callback import PhaseTransitionCallback
+        from em_callbacks.organism.config import OrganismConfig
+        from em_callbacks.organism.data import finetune_dataset, probe_set
+        from em_callbacks.organism.demo import organism_order_parameters
+        from em_callbacks.organism.finetune import build_finetune_trainer
+        from em_callbacks.organism.model import cache_path, load_or_pretrain
+        from em_callbacks.organism.world import World
+    except Exception as exc:  # noqa: BLE001 - the organism is developed concurrently
+        log(f"-- organism demo: not available ({type(exc).__name__}: {exc})")
+        return
+    config = OrganismConfig()
+    if not (cache_path(config) / "organism.json").exists() and not args.pretrain_organism:
+        log("-- organism demo: skipped (no pretrained organism in the cache; run `em-callbacks demo` once "
+            "or pass --pretrain-organism)")
+        return
+    with quiet():
+        base, tokenizer = load_or_pretrain(config, progress=False)
+        world = World(config)
+        probes = probe_set(world)
+        dataset = finetune_dataset(world, aligned=False, seed=0)
+    walls = {"A": [], "B": []}
+    steps = {"A": [], "B": []}
+    agg = PhaseTimer()
+    probe_times = []
+    for rnd in range(args.organism_rounds):
+        for v in (("A", "B") if rnd % 2 == 0 else ("B", "A")):
+            workdir = Path(tempfile.mkdtemp(prefix="overhead-organism-"))
+            try:
+                with quiet():
+                    model = type(base).from_pretrained(cache_path(config))
+                    clock = StepClock()
+                    callbacks = [clock]
+                    if v == "B":
+                        ops, judge = organism_order_parameters(world)
+                        callbacks.append(PhaseTransitionCallback(
+                            probes=probes, every_n_steps=config.probe_every,
+                            samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+                            order_parameters=ops, judge=judge, output_dir=workdir / "pt", seed=0, batch_size=256,
+                            report_to_wandb=False,
+                        ))
+                    trainer = build_finetune_trainer(model, tokenizer, dataset, output_dir=str(workdir / "tr"),
+                                                     seed=0, steps=config.finetune_steps, callbacks=callbacks)
+                    timer.reset()
+                    t0 = time.perf_counter()
+                    trainer.train()
+                    wall = time.perf_counter() - t0
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            walls[v].append(wall)
+            steps[v] += clock.steps
+            if v == "B":
+                probe_times += timer.durations.get("probe", [])
+                for k, val in timer.seconds.items():
+                    agg.seconds[k] += val
+                for k, val in timer.calls.items():
+                    agg.calls[k] += val
+            log(f"  [organism {v}] {config.finetune_steps} steps: {wall:.1f} s (load {os.getloadavg()[0]:.2f})")
+    a, b = median(walls["A"]), median(walls["B"])
+    log("")
+    log(f"-- organism demo fine-tune ({config.finetune_steps} LoRA steps of a {config.n_layer}-layer "
+        f"{config.n_embd}-dim GPT-2, batch {config.finetune_batch_size}; probe every {config.probe_every} steps: "
+        f"{len(probes)} prompts x {config.samples_per_prompt} samples x {config.max_new_tokens} tokens)")
+    log(f"  training step A {spread(steps['A'])} s, B {spread(steps['B'])} s; probe {spread(probe_times)} s "
+        f"= {median(probe_times) / median(steps['A']):.1f} steps")
+    log(f"  wall A {spread(walls['A'])} s, B {spread(walls['B'])} s: overhead {b / a - 1:+.0%} "
+        "(large by design: a probe every 2 steps of a ~0.5M-parameter model)")
+    for line in phase_table(agg):
+        log(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps, one round, no organism A/B repeat")
+    ap.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
+    ap.add_argument("--steps", type=int, default=None, help="steps per accounting run (default 4, quick 2)")
+    ap.add_argument("--probe-every", type=int, default=2, help="dense probe cadence of the accounting runs")
+    ap.add_argument("--interval", type=int, default=25, help="the real probe interval (every_n_steps)")
+    ap.add_argument("--project-intervals", type=int, default=2, help="N of the 'N-interval run' projection")
+    ap.add_argument("--rounds", type=int, default=1, help="A/B rounds of the accounting runs (ABBA)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--end-to-end", action="store_true", help="also run the plain A/B of the real schedule")
+    ap.add_argument("--e2e-intervals", type=int, default=2)
+    ap.add_argument("--e2e-rounds", type=int, default=1)
+    ap.add_argument("--no-organism", action="store_true")
+    ap.add_argument("--pretrain-organism", action="store_true", help="pretrain the organism if not cached")
+    ap.add_argument("--organism-rounds", type=int, default=None, help="default 2, quick 1")
+    ap.add_argument("--threads", default="auto", help="torch threads: auto (1 on a loaded machine) or N")
+    args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 2 if args.quick else 4
+    if args.organism_rounds is None:
+        args.organism_rounds = 1 if args.quick else 2
+    threads = set_threads(args.threads)
+    t_start = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    log(machine_header("overhead: fine-tune wall time with vs without PhaseTransitionCallback"))
+    log(f"torch threads: {threads}")
+    log(f"workload: GPT-2 4x256, vocab 8192, batch 16 x 256 tokens; probes: em-first-plot 8 prompts x 16 samples "
+        f"x {args.max_new_tokens} new tokens, batch 64, RuleJudge with 2 order parameters; real interval "
+        f"{args.interval} steps")
+    tokenizer = build_tokenizer()
+    timer = PhaseTimer()
+    instrument(timer)
+    with LoadSampler() as load:
+        log(f"\n[1] interval accounting: {args.steps} steps per run, probe every {args.probe_every} "
+            f"(A = without, B = with), modes {args.modes}")
+        results = accounting(args, tokenizer, timer, log)
+        report_accounting(results, args, log)
+        if args.end_to_end:
+            log(f"\n[2] end-to-end A/B: {args.e2e_intervals} x {args.interval} steps")
+            end_to_end(args, tokenizer, timer, log)
+        if not args.no_organism:
+            log("\n[3] organism demo")
+            organism(args, timer, log)
+    timer.restore()
+    log("")
+    log(load.summary())
+    log(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
