@@ -126,12 +126,13 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def build_trainer(model, tokenizer, dataset, output_dir: str | Path, steps: int, batch_size: int = 16,
-                  callbacks: Sequence[Any] = (), lr: float = 1e-4, seed: int = 0):
-    """A plain ``transformers.Trainer`` on CPU with nothing extra: no saving, no evaluation,
-    no reporting; ``logging_steps=1`` as the callback asks (for the grad norm)."""
+                  callbacks: Sequence[Any] = (), lr: float = 1e-4, seed: int = 0, use_cpu: bool | None = None):
+    """A plain ``transformers.Trainer`` with nothing extra: no saving, no evaluation, no
+    reporting, no progress printing; ``logging_steps=1`` as the callback asks (for the grad
+    norm). On the GPU when CUDA is available (``use_cpu`` overrides)."""
     import logging
 
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments, default_data_collator
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -139,11 +140,13 @@ def build_trainer(model, tokenizer, dataset, output_dir: str | Path, steps: int,
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=seed, data_seed=seed,
-        log_level="error",
+        disable_tqdm=True, dataloader_num_workers=0, seed=seed, data_seed=seed, log_level="error",
+        use_cpu=(not torch.cuda.is_available()) if use_cpu is None else use_cpu,
     )
-    return Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                   callbacks=list(callbacks))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      data_collator=default_data_collator, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def rule_judge_and_order_parameters():
@@ -183,6 +186,10 @@ class PhaseTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.durations: dict[str, list[float]] = defaultdict(list)
+        # CPU time of this process (all threads) over the same calls: with one torch thread it
+        # barely depends on what other processes do to the machine, unlike wall time.
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
+        self.cpu_durations: dict[str, list[float]] = defaultdict(list)
         self._patches: list[tuple[Any, str, Any]] = []
 
     def wrap(self, owner: Any, attr: str, label: str | None = None) -> None:
@@ -191,14 +198,16 @@ class PhaseTimer:
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 self.seconds[label] += dt
                 self.calls[label] += 1
                 self.durations[label].append(dt)
+                self.cpu_seconds[label] += dc
+                self.cpu_durations[label].append(dc)
 
         self._patches.append((owner, attr, original))
         setattr(owner, attr, timed)
@@ -212,6 +221,8 @@ class PhaseTimer:
         self.seconds.clear()
         self.calls.clear()
         self.durations.clear()
+        self.cpu_seconds.clear()
+        self.cpu_durations.clear()
 
     def __enter__(self) -> "PhaseTimer":
         return self

@@ -564,7 +564,9 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             results[measure] = result
             ci = result.combined.confidence_interval(0.95)
             extra = {"per_prompt": {pid: [r.value, r.stderr] for pid, r in result.per_prompt.items()},
-                     "left": list(result.left), "right": list(result.right), "estimator": result.combined.estimator}
+                     "left": list(result.left), "right": list(result.right),
+                     "estimator": next(iter(result.per_prompt.values())).estimator if result.per_prompt else None,
+                     "cross_scoring": self._mode}
             metrics.append((f"D/{measure}", result.combined.value, result.combined.stderr, ci.low, ci.high, extra))
             logged[f"D/{measure}"] = result.combined.value
             logged[f"D/{measure}_stderr"] = result.combined.stderr

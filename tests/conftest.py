@@ -30,3 +30,16 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_wandb():
+    """A W&B service reads WANDB_DIR & co. once, when it starts: tear it down after any test that
+    used it (finishing a run left open), so the next test's monkeypatched settings apply."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()

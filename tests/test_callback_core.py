@@ -212,12 +212,13 @@ def test_plain_trainer_without_wandb(tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from wandb_offline import find_run_files, history_rows, iter_records
+    from wandb_offline import find_run_files, history_rows, iter_records, wait_for_exit_record
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-tests")
     (tmp_path / "wandb_dir").mkdir()
+    wandb.teardown()  # settings (WANDB_DIR) are read once per wandb service: start a fresh one
     tok = tiny_tokenizer()
     cb = _callback(tmp_path, every=2, snapshot_full_model=True)
     trainer = _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=4, report_to="wandb")
@@ -226,14 +227,14 @@ def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
         assert wandb.run is not None
     finally:
         wandb.finish()
+        wandb.teardown()
     store = RunStore(tmp_path / "pt", readonly=True)
 
     (run_file,) = find_run_files(tmp_path / "wandb_dir")
+    types = wait_for_exit_record(run_file)
+    assert {"run", "metric", "history", "config", "summary"} <= set(types), types
     rows = history_rows(run_file)
     d_rows = [r for r in rows if "probe/D/tv" in r]
-    for r in rows:  # DEBUG-TMP
-        print("ROW", {k: (v if not isinstance(v, dict) else "T") for k, v in r.items() if not k.startswith("_")})  # DEBUG-TMP
-    print("EVENTS", store.events(), "STEPS", cb._probe_steps)  # DEBUG-TMP
     d_tv = store.metric_series("D/tv")
     assert sorted(r["probe/step"] for r in d_rows) == d_tv["step"].tolist() == [0, 2]
     for r in d_rows:  # D(t_i) logged at t_i, same values as the store, with its stderr and the other measures
@@ -252,7 +253,7 @@ def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
     assert metrics.get("probe/*") == "probe/step"
     config_rows = [r for r in iter_records(run_file) if r.WhichOneof("record_type") == "config"]
     assert any(item.key == "em_callbacks" for r in config_rows for item in r.config.update)
-    _ = store.close()
+    store.close()
 
 
 # ----------------------------------------------------------------------------- non-interference
@@ -287,7 +288,6 @@ def _train(tmp_path, padding_side, with_callback, snapshot):
     }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("padding_side,snapshot", [("right", True), ("left", False)])
 def test_callback_does_not_change_the_training_run(tmp_path, padding_side, snapshot):
     base = _train(tmp_path / "base", padding_side, with_callback=False, snapshot=snapshot)
@@ -383,4 +383,20 @@ def test_tokenizer_without_pad_borrows_eos_and_is_left_alone(tmp_path):
     eos = probe_tok.eos_token_id
     for s in store.samples():
         assert (s.token_ids[-1] == eos) == s.finished and eos not in s.token_ids[:-1]
+    store.close()
+
+
+def test_callback_reused_for_a_second_training_run_probes_again(tmp_path):
+    tok = tiny_tokenizer()
+    cb = _callback(tmp_path, every=2)
+    _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=2).train()
+    first = RunStore(tmp_path / "pt", readonly=True)
+    first_samples = first.samples(1)
+    first.close()
+    _plain_trainer(tmp_path, tok, tiny_model(tok, seed=5), [cb], max_steps=4).train()
+    assert cb._probe_steps == [0, 2, 4] and cb.summary["probe_steps"] == [0, 2, 4]
+    store = RunStore(tmp_path / "pt", readonly=True)
+    assert [p["step"] for p in store.probes()] == [0, 2, 4]
+    assert store.samples(1) != first_samples  # rewritten by the second run (other model)
+    assert store.metric_series("D/tv")["step"].tolist() == [0, 2]
     store.close()

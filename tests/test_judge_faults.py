@@ -83,13 +83,14 @@ def _judge(server: WireServer, **kw) -> OpenAIJudge:
     return OpenAIJudge("judge-model", base_url=server.url, api_key=SECRET, **kw)
 
 
-def _train(tmp_path, judge, *, trainer: str = "plain", report_to: str = "none", extra_callbacks=None):
+def _train(tmp_path, judge, *, trainer: str = "plain", report_to: str = "none", extra_callbacks=None,
+           drain: float = 20.0):
     tok = tiny_tokenizer()
     model = tiny_model(tok)
     cb = PhaseTransitionCallback(
         probes=PROBES, every_n_steps=EVERY, samples_per_prompt=SAMPLES, max_new_tokens=6,
         order_parameters=ORDER_PARAMETERS, judge=judge, output_dir=tmp_path / "pt",
-        snapshot_full_model=True, judge_drain_timeout=20.0,
+        snapshot_full_model=True, judge_drain_timeout=drain,
     )
     callbacks = [cb, *(extra_callbacks(cb) if extra_callbacks else ())]
     if trainer == "plain":
@@ -239,6 +240,14 @@ def test_timeouts(tmp_path, wire_server):
     errors = [r["error"] for r in store.judgments() if r["error"]]
     store.close()
     assert all("no answer within 0.4 s" in e for e in errors)
+
+
+def test_judge_slower_than_the_drain_timeout(tmp_path, wire_server):
+    wire_server.latency = 60.0  # no answer before training ends; the drain gives up after 1 s
+    cb, tr, seconds = _train(tmp_path, _judge(wire_server, timeout=120.0, max_retries=0), drain=1.0)
+    assert seconds < 45  # training never waited for the judge
+    kinds = _check_intact(cb, tr, tmp_path)
+    assert all(k == {"drain_timeout": N_JOBS} for k in kinds.values())
 
 
 def test_malformed_and_non_numeric_judge_output(tmp_path, wire_server):

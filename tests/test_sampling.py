@@ -6,6 +6,7 @@ bit-exactly. fp32 CPU, one thread, a few seconds in all."""
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 import warnings
 
@@ -135,6 +136,13 @@ def test_batched_scoring_equals_per_prompt_scoring(model, tok, prompt_ids):
     together = sequence_logprobs(model, rows, samples.completion_ids, pad)
     one_by_one = np.array([sequence_logprobs(model, [r], [c], pad)[0] for r, c in zip(rows, samples.completion_ids)])
     small_batches = sequence_logprobs(model, rows, samples.completion_ids, pad, batch_size=5)
+    params = inspect.signature(sequence_logprobs).parameters
+    if "max_logit_elements" in params:  # memory cap: forces one row per forward pass
+        capped = sequence_logprobs(model, rows, samples.completion_ids, pad, max_logit_elements=1)
+        np.testing.assert_allclose(capped, one_by_one, rtol=0, atol=1e-4)
+    if "sync_batches" in params:  # extra dummy forward passes (sharded ranks) change nothing
+        synced = sequence_logprobs(model, rows, samples.completion_ids, pad, batch_size=5, sync_batches=lambda n: n + 3)
+        np.testing.assert_array_equal(synced, small_batches)
     np.testing.assert_allclose(together, one_by_one, rtol=0, atol=1e-4)
     np.testing.assert_allclose(small_batches, one_by_one, rtol=0, atol=1e-4)
     per_prompt = np.concatenate([

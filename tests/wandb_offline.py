@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,3 +122,19 @@ def record_types(path: str | Path) -> list[str]:
 
 def find_run_files(root: str | Path) -> list[Path]:
     return sorted(Path(root).rglob("run-*.wandb"))
+
+
+def wait_for_exit_record(path: str | Path, timeout: float = 60.0) -> list[str]:
+    """Record types of the file once its ``exit`` record is there (wandb-core may still be
+    flushing the file for a moment after ``wandb.finish()`` returns). Raises on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            types = record_types(path)
+        except WandbLogError:
+            types = []
+        if "exit" in types:
+            return types
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout}s; records so far: {types}")
+        time.sleep(0.2)

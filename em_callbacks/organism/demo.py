@@ -119,7 +119,7 @@ def run_demo(
     )
     trainer = build_finetune_trainer(
         model, tokenizer, dataset, output_dir=str(out / "trainer"), seed=seed,
-        steps=config.finetune_steps, callbacks=[callback], report_to=report_to, progress=progress,
+        steps=config.finetune_steps, callbacks=[callback], report_to=report_to, disable_tqdm=not progress,
         run_name=f"organism-seed{seed}{'-control' if control else ''}",
     )
     trainer.train()

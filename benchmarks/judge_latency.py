@@ -1,0 +1,287 @@
+"""Does a slow LLM judge slow down training? Step time with an instant judge vs a 2 s judge.
+
+The callback hands judge requests to a background event loop (``JudgeRunner``) and collects
+results without waiting, so a judge that takes seconds per call should not change how long a
+training step takes. This script measures that on a real fine-tune.
+
+Setup: the OpenAI-wire test server (tests/openai_wire_server.py, real HTTP on 127.0.0.1) runs
+in two child processes (so its threads do not compete with the trainer for the GIL, as a remote
+judge would not): one answers at once, the other sleeps ``--latency`` seconds (default 2) on
+every call. The same tiny-ish fine-tune (a randomly initialised GPT-2, 2 layers x 128 dims,
+vocab 8192, batches of 8 x 64 tokens, full fine-tune) runs with ``PhaseTransitionCallback``
+probing every ``--every`` steps (4 em-first-plot prompts x 4 samples x 16 new tokens) and two
+order parameters (aligned, coherent) scored by an ``OpenAIJudge`` on one server or the other,
+at the default concurrency (``judge_concurrency=8``, ``OpenAIJudge(max_concurrency=8)``).
+The two variants are interleaved (ABBA...) in one process, ``--rounds`` times each.
+
+A step's time is the wall time from one ``on_step_begin`` to the next (the last step: to
+``on_train_end``): the forward/backward/optimizer step plus every ``on_step_end`` hook, i.e.
+also the probe (sampling, scoring, store, submitting judge requests) at probe steps and the
+collection of finished judgments at every step. Reported: mean step time over all steps
+("incl. probe steps") and over the steps that do not probe ("excl. probe steps"), their
+medians, and the ratio slow / instant. Target: a 2 s judge changes mean step time by < 2 %.
+The end-of-training drain (waiting for outstanding judgments, capped by ``--drain``) is
+reported separately: it happens after the last step.
+
+Usage: python benchmarks/judge_latency.py [--steps 60] [--every 6] [--rounds 2] [--latency 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TESTS = ROOT / "tests"
+for p in (str(HERE), str(ROOT)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+TARGET = 0.02
+
+
+# ----------------------------------------------------------------------------- judge servers
+def _serve(latency: float, conn) -> None:  # child process
+    sys.path.insert(0, str(TESTS))
+    from openai_wire_server import WireServer
+
+    server = WireServer().start()
+    server.latency = float(latency)
+    server.set_probs({"85": 0.6, "90": 0.3, "70": 0.1})
+    conn.send(server.url)
+    conn.recv()  # until told to stop
+    conn.send({"calls": server.calls, "max_in_flight": server.max_in_flight})
+    server.stop()
+
+
+class ServerProcess:
+    def __init__(self, latency: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(latency, child), daemon=True)
+        self.proc.start()
+        self.url = self.conn.recv()
+        self.latency = latency
+
+    def stop(self) -> dict:
+        self.conn.send("stop")
+        stats = self.conn.recv() if self.conn.poll(10) else {}
+        self.proc.join(10)
+        return stats
+
+
+# ----------------------------------------------------------------------------- one run
+def _clock_class():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Step intervals: on_step_begin -> next on_step_begin (last: -> on_train_end). Listed
+        after the monitoring callback, so probe work in its on_step_end falls in the interval."""
+
+        def __init__(self) -> None:
+            self.begin: list[tuple[int, float]] = []
+            self.cpu: list[float] = []  # CPU time of the training thread at each step start
+            self.end_of_training: float | None = None
+            self.train_end_done: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin.append((state.global_step + 1, time.perf_counter()))
+            self.cpu.append(time.thread_time())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.train_end_done = time.perf_counter()
+
+        def intervals(self, last_end: float) -> dict[int, float]:
+            times = [t for _, t in self.begin] + [last_end]
+            return {step: times[i + 1] - t for i, (step, t) in enumerate(self.begin)}
+
+        def cpu_intervals(self, last_end: float) -> dict[int, float]:
+            times = self.cpu + [last_end]
+            return {step: times[i + 1] - times[i] for i, (step, _) in enumerate(self.begin)}
+
+    return StepClock
+
+
+def run_once(url: str, args, tokenizer, workdir: Path) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from _common import RandomTokens, build_model, build_trainer, quiet
+    from em_callbacks import PhaseTransitionCallback, ProbeSet
+    from em_callbacks.judges import OpenAIJudge
+    from em_callbacks.order import OrderParameter
+
+    class FirstOnTrainEnd(TrainerCallback):
+        t: float | None = None
+        cpu: float | None = None
+
+        def on_train_end(self, args_, state, control, **kwargs):
+            self.t = time.perf_counter()
+            self.cpu = time.thread_time()
+
+    first = FirstOnTrainEnd()
+    probes = ProbeSet("bench", ProbeSet.builtin("em-first-plot").probes[: args.prompts])
+    judge = OpenAIJudge("bench-judge", base_url=url, api_key="sk-bench-not-a-real-key", timeout=60.0)
+    cb = PhaseTransitionCallback(
+        probes=probes, every_n_steps=args.every, samples_per_prompt=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        order_parameters=[OrderParameter.builtin("aligned"), OrderParameter.builtin("coherent")],
+        judge=judge, output_dir=workdir / "pt", report_to_wandb=False, log_samples_table=False,
+        judge_drain_timeout=args.drain,
+    )
+    clock = _clock_class()()
+    with quiet():
+        model = build_model(tokenizer, n_layer=2, n_embd=128, n_head=4, n_positions=256, seed=0)
+        dataset = RandomTokens(args.steps * args.batch + args.batch, args.seq_len, len(tokenizer), seed=0)
+        # order of callbacks: the first on_train_end marks "training over", then the monitor drains
+        trainer = build_trainer(model, tokenizer, dataset, workdir / "trainer", steps=args.steps,
+                                batch_size=args.batch, callbacks=[first, cb, clock], lr=1e-4, use_cpu=True)
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    steps = clock.intervals(first.t)
+    cpu = clock.cpu_intervals(first.cpu)
+    probe_steps = {s for s in steps if s % args.every == 0}
+    store_path = workdir / "pt"
+    from em_callbacks.store import RunStore
+
+    store = RunStore(store_path, readonly=True)
+    ev = store.events("judge_stats")
+    stats = ev[-1]["payload"] if ev else {}
+    judgments = store.judgments()
+    store.close()
+    ok = sum(1 for j in judgments if j["error"] is None)
+    return {
+        "steps": steps, "cpu": cpu, "probe_steps": probe_steps, "wall": wall,
+        "drain": (clock.train_end_done or first.t) - first.t,
+        "judge_stats": stats, "judged_ok": ok, "judgments": len(judgments),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ----------------------------------------------------------------------------- report
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--every", type=int, default=6, help="probe every this many steps")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per variant (interleaved)")
+    parser.add_argument("--latency", type=float, default=2.0, help="seconds per call of the slow judge")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--drain", type=float, default=30.0, help="judge_drain_timeout (s)")
+    parser.add_argument("--threads", default="auto")
+    args = parser.parse_args()
+
+    from _common import LoadSampler, build_tokenizer, machine_header, set_threads
+
+    logging.getLogger("em_callbacks").setLevel(logging.ERROR)
+    threads = set_threads(args.threads)
+    print(machine_header("judge latency vs training step time"))
+    print(f"torch threads: {threads}")
+    per_probe = args.prompts * args.samples * 2
+    print(f"workload: GPT-2 2x128, vocab 8192, full fine-tune, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.steps} steps; probe every {args.every} steps: {args.prompts} prompts x {args.samples} samples x "
+          f"{args.max_new_tokens} new tokens, 2 order parameters -> {per_probe} judge calls per probe; "
+          f"judge concurrency 8 (default); slow judge {args.latency:g} s per call "
+          f"(~{per_probe / 8 * args.latency:.0f} s of judging per probe)")
+
+    tokenizer = build_tokenizer()
+    servers = {"instant": ServerProcess(0.0), f"{args.latency:g}s": ServerProcess(args.latency)}
+    names = list(servers)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    server_stats = {}
+    try:
+        with LoadSampler() as load:
+            # warm-up (untimed): kernels, allocator, HTTP client imports
+            warm = argparse.Namespace(**{**vars(args), "steps": args.every + 1})
+            workdir = Path(tempfile.mkdtemp(prefix="judge-latency-warm-"))
+            try:
+                run_once(servers["instant"].url, warm, tokenizer, workdir)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            for r in range(args.rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                for name in order:
+                    workdir = Path(tempfile.mkdtemp(prefix=f"judge-latency-{name}-"))
+                    try:
+                        res = run_once(servers[name].url, args, tokenizer, workdir)
+                    finally:
+                        shutil.rmtree(workdir, ignore_errors=True)
+                    results[name].append(res)
+                    steps = res["steps"]
+                    plain = [v for s, v in steps.items() if s not in res["probe_steps"]]
+                    print(f"  round {r + 1}/{args.rounds} {name:>8}: mean step {_mean(list(steps.values())) * 1e3:7.1f} ms "
+                          f"(excl. probe steps {_mean(plain) * 1e3:6.1f} ms), train {sum(steps.values()):.1f} s, "
+                          f"drain {res['drain']:.1f} s, judged {res['judged_ok']}/{res['judgments']}, "
+                          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    finally:
+        for name, srv in servers.items():
+            server_stats[name] = srv.stop()
+
+    print()
+    print(load.summary())
+    rows = {}
+    for name in names:
+        all_steps = [v for res in results[name] for v in res["steps"].values()]
+        plain = [v for res in results[name] for s, v in res["steps"].items() if s not in res["probe_steps"]]
+        probe = [v for res in results[name] for s, v in res["steps"].items() if s in res["probe_steps"]]
+        cpu_all = [v for res in results[name] for v in res["cpu"].values()]
+        cpu_plain = [v for res in results[name] for s, v in res["cpu"].items() if s not in res["probe_steps"]]
+        rows[name] = {
+            "incl": _mean(all_steps), "excl": _mean(plain), "probe": _mean(probe),
+            "cpu_incl": _mean(cpu_all), "cpu_excl": _mean(cpu_plain),
+            "incl_med": statistics.median(all_steps), "excl_med": statistics.median(plain),
+            "n": len(all_steps), "n_plain": len(plain),
+            "drain": _mean([res["drain"] for res in results[name]]),
+            "judged": sum(res["judged_ok"] for res in results[name]),
+            "judgments": sum(res["judgments"] for res in results[name]),
+        }
+    print(f"\n{'judge':>8} {'mean incl. probe steps':>24} {'mean excl. probe steps':>24} {'probe steps':>12} "
+          f"{'median incl.':>13} {'median excl.':>13} {'drain':>7} {'judged in time':>15}")
+    for name in names:
+        r = rows[name]
+        print(f"{name:>8} {r['incl'] * 1e3:>21.1f} ms {r['excl'] * 1e3:>21.1f} ms {r['probe'] * 1e3:>9.0f} ms "
+              f"{r['incl_med'] * 1e3:>10.1f} ms {r['excl_med'] * 1e3:>10.1f} ms {r['drain']:>6.1f}s "
+              f"{r['judged']:>7}/{r['judgments']}")
+    fast, slow = rows[names[0]], rows[names[1]]
+    ratio_incl = slow["incl"] / fast["incl"]
+    ratio_excl = slow["excl"] / fast["excl"]
+    ratio_incl_med = slow["incl_med"] / fast["incl_med"]
+    ratio_excl_med = slow["excl_med"] / fast["excl_med"]
+    print(f"\nratio {names[1]} / instant: mean step incl. probe steps {ratio_incl:.4f} ({ratio_incl - 1:+.2%}), "
+          f"excl. probe steps {ratio_excl:.4f} ({ratio_excl - 1:+.2%}); medians {ratio_incl_med:.4f} / "
+          f"{ratio_excl_med:.4f}")
+    for name in names:
+        r = rows[name]
+        print(f"training-thread CPU time per step, {name:>8}: incl. probe steps {r['cpu_incl'] * 1e3:.1f} ms, "
+              f"excl. probe steps {r['cpu_excl'] * 1e3:.1f} ms")
+    cpu_incl = slow["cpu_incl"] / fast["cpu_incl"]
+    cpu_excl = slow["cpu_excl"] / fast["cpu_excl"]
+    print(f"ratio of training-thread CPU time per step (insensitive to other processes' load): "
+          f"incl. {cpu_incl:.4f} ({cpu_incl - 1:+.2%}), excl. {cpu_excl:.4f} ({cpu_excl - 1:+.2%})")
+    print("server calls: " + ", ".join(f"{n}: {s.get('calls')} (max {s.get('max_in_flight')} in flight)"
+                                         for n, s in server_stats.items()))
+    worst = max(abs(ratio_incl - 1), abs(ratio_excl - 1))
+    verdict = "PASS" if worst < TARGET else "FAIL"
+    print(f"target: |change of mean step time| < {TARGET:.0%}: {verdict} (worst {worst:.2%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
