@@ -12,7 +12,9 @@ vocab 8192, batches of 8 x 64 tokens, full fine-tune) runs with ``PhaseTransitio
 probing every ``--every`` steps (4 em-first-plot prompts x 4 samples x 16 new tokens) and two
 order parameters (aligned, coherent) scored by an ``OpenAIJudge`` on one server or the other,
 at the default concurrency (``judge_concurrency=8``, ``OpenAIJudge(max_concurrency=8)``).
-The two variants are interleaved (ABBA...) in one process, ``--rounds`` times each.
+The two variants are interleaved in one process: every round runs both back to back (order
+alternating), ``--rounds`` rounds; ratios are reported pooled and per round (paired, with a
+bootstrap CI over rounds) because a shared machine's load drifts between runs.
 
 A step's time is the wall time from one ``on_step_begin`` to the next (the last step: to
 ``on_train_end``): the forward/backward/optimizer step plus every ``on_step_end`` hook, i.e.
@@ -23,13 +25,14 @@ medians, and the ratio slow / instant. Target: a 2 s judge changes mean step tim
 The end-of-training drain (waiting for outstanding judgments, capped by ``--drain``) is
 reported separately: it happens after the last step.
 
-Usage: python benchmarks/judge_latency.py [--steps 60] [--every 6] [--rounds 2] [--latency 2]
+Usage: python benchmarks/judge_latency.py [--steps 36] [--every 6] [--rounds 8] [--latency 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -54,6 +57,7 @@ def _serve(latency: float, conn) -> None:  # child process
     sys.path.insert(0, str(TESTS))
     from openai_wire_server import WireServer
 
+    sys.stderr = open(os.devnull, "w")  # quiet: late answers to cancelled requests hit closed sockets
     server = WireServer().start()
     server.latency = float(latency)
     server.set_probs({"85": 0.6, "90": 0.3, "70": 0.1})
@@ -69,6 +73,9 @@ class ServerProcess:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(latency, child), daemon=True)
         self.proc.start()
+        if not self.conn.poll(120):
+            self.proc.kill()
+            raise RuntimeError("the judge server process did not start")
         self.url = self.conn.recv()
         self.latency = latency
 
@@ -173,18 +180,42 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def _step_means(res: dict, key: str) -> tuple[float, float]:
+    """(mean over all steps, mean over steps that do not probe) of one run."""
+    values = res[key]
+    plain = [v for s, v in values.items() if s not in res["probe_steps"]]
+    return _mean(list(values.values())), _mean(plain)
+
+
+def _bootstrap_ci(ratios: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the geometric mean of per-round ratios (rounds resampled)."""
+    import numpy as np
+
+    logs = np.log(np.asarray(ratios, dtype=float))
+    if len(logs) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boot = logs[rng.integers(0, len(logs), size=(n, len(logs)))].mean(axis=1)
+    return float(np.exp(np.quantile(boot, 0.025))), float(np.exp(np.quantile(boot, 0.975)))
+
+
+def _geo(ratios: list[float]) -> float:
+    return math.exp(_mean([math.log(r) for r in ratios])) if ratios else float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--every", type=int, default=6, help="probe every this many steps")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per variant (interleaved)")
+    parser.add_argument("--every", type=int, default=30, help="probe every this many steps")
+    parser.add_argument("--rounds", type=int, default=6, help="runs per variant (interleaved, paired)")
     parser.add_argument("--latency", type=float, default=2.0, help="seconds per call of the slow judge")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--drain", type=float, default=30.0, help="judge_drain_timeout (s)")
+    parser.add_argument("--drain", type=float, default=15.0,
+                        help="judge_drain_timeout (s): how long the end of training waits for judgments")
     parser.add_argument("--threads", default="auto")
     args = parser.parse_args()
 
@@ -199,22 +230,24 @@ def main() -> int:
           f"{args.steps} steps; probe every {args.every} steps: {args.prompts} prompts x {args.samples} samples x "
           f"{args.max_new_tokens} new tokens, 2 order parameters -> {per_probe} judge calls per probe; "
           f"judge concurrency 8 (default); slow judge {args.latency:g} s per call "
-          f"(~{per_probe / 8 * args.latency:.0f} s of judging per probe)")
+          f"(~{per_probe / 8 * args.latency:.0f} s of judging per probe); {args.rounds} rounds, each runs both variants back to back (order alternates)")
 
     tokenizer = build_tokenizer()
     servers = {"instant": ServerProcess(0.0), f"{args.latency:g}s": ServerProcess(args.latency)}
     names = list(servers)
+    fast_name, slow_name = names
     results: dict[str, list[dict]] = {n: [] for n in names}
     server_stats = {}
     try:
         with LoadSampler() as load:
-            # warm-up (untimed): kernels, allocator, HTTP client imports
-            warm = argparse.Namespace(**{**vars(args), "steps": args.every + 1})
-            workdir = Path(tempfile.mkdtemp(prefix="judge-latency-warm-"))
-            try:
-                run_once(servers["instant"].url, warm, tokenizer, workdir)
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
+            # warm-up (untimed): kernels, allocator, HTTP client imports, both servers
+            for name in names:
+                warm = argparse.Namespace(**{**vars(args), "steps": args.every + 1, "drain": 0.5})
+                workdir = Path(tempfile.mkdtemp(prefix="judge-latency-warm-"))
+                try:
+                    run_once(servers[name].url, warm, tokenizer, workdir)
+                finally:
+                    shutil.rmtree(workdir, ignore_errors=True)
             for r in range(args.rounds):
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
@@ -224,11 +257,10 @@ def main() -> int:
                     finally:
                         shutil.rmtree(workdir, ignore_errors=True)
                     results[name].append(res)
-                    steps = res["steps"]
-                    plain = [v for s, v in steps.items() if s not in res["probe_steps"]]
-                    print(f"  round {r + 1}/{args.rounds} {name:>8}: mean step {_mean(list(steps.values())) * 1e3:7.1f} ms "
-                          f"(excl. probe steps {_mean(plain) * 1e3:6.1f} ms), train {sum(steps.values()):.1f} s, "
-                          f"drain {res['drain']:.1f} s, judged {res['judged_ok']}/{res['judgments']}, "
+                    incl, excl = _step_means(res, "steps")
+                    print(f"  round {r + 1}/{args.rounds} {name:>8}: mean step {incl * 1e3:7.1f} ms "
+                          f"(excl. probe steps {excl * 1e3:6.1f} ms), train {sum(res['steps'].values()):.1f} s, "
+                          f"drain {res['drain']:.1f} s, judged in time {res['judged_ok']}/{res['judgments']}, "
                           f"load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         for name, srv in servers.items():
@@ -238,48 +270,59 @@ def main() -> int:
     print(load.summary())
     rows = {}
     for name in names:
-        all_steps = [v for res in results[name] for v in res["steps"].values()]
-        plain = [v for res in results[name] for s, v in res["steps"].items() if s not in res["probe_steps"]]
-        probe = [v for res in results[name] for s, v in res["steps"].items() if s in res["probe_steps"]]
-        cpu_all = [v for res in results[name] for v in res["cpu"].values()]
-        cpu_plain = [v for res in results[name] for s, v in res["cpu"].items() if s not in res["probe_steps"]]
+        runs = results[name]
+        all_steps = [v for res in runs for v in res["steps"].values()]
+        plain = [v for res in runs for s, v in res["steps"].items() if s not in res["probe_steps"]]
+        probe = [v for res in runs for s, v in res["steps"].items() if s in res["probe_steps"]]
+        cpu_all = [v for res in runs for v in res["cpu"].values()]
+        cpu_plain = [v for res in runs for s, v in res["cpu"].items() if s not in res["probe_steps"]]
         rows[name] = {
             "incl": _mean(all_steps), "excl": _mean(plain), "probe": _mean(probe),
             "cpu_incl": _mean(cpu_all), "cpu_excl": _mean(cpu_plain),
-            "incl_med": statistics.median(all_steps), "excl_med": statistics.median(plain),
-            "n": len(all_steps), "n_plain": len(plain),
-            "drain": _mean([res["drain"] for res in results[name]]),
-            "judged": sum(res["judged_ok"] for res in results[name]),
-            "judgments": sum(res["judgments"] for res in results[name]),
+            "drain": _mean([res["drain"] for res in runs]),
+            "judged": sum(res["judged_ok"] for res in runs), "judgments": sum(res["judgments"] for res in runs),
         }
-    print(f"\n{'judge':>8} {'mean incl. probe steps':>24} {'mean excl. probe steps':>24} {'probe steps':>12} "
-          f"{'median incl.':>13} {'median excl.':>13} {'drain':>7} {'judged in time':>15}")
+    print(f"\n{'judge':>8} {'mean step, all steps':>21} {'mean step, non-probe':>21} {'probe steps':>12} "
+          f"{'CPU/step all':>13} {'CPU/step non-probe':>19} {'drain':>7} {'judged in time':>15}")
     for name in names:
         r = rows[name]
-        print(f"{name:>8} {r['incl'] * 1e3:>21.1f} ms {r['excl'] * 1e3:>21.1f} ms {r['probe'] * 1e3:>9.0f} ms "
-              f"{r['incl_med'] * 1e3:>10.1f} ms {r['excl_med'] * 1e3:>10.1f} ms {r['drain']:>6.1f}s "
+        print(f"{name:>8} {r['incl'] * 1e3:>18.1f} ms {r['excl'] * 1e3:>18.1f} ms {r['probe'] * 1e3:>9.0f} ms "
+              f"{r['cpu_incl'] * 1e3:>10.1f} ms {r['cpu_excl'] * 1e3:>16.1f} ms {r['drain']:>6.1f}s "
               f"{r['judged']:>7}/{r['judgments']}")
-    fast, slow = rows[names[0]], rows[names[1]]
-    ratio_incl = slow["incl"] / fast["incl"]
-    ratio_excl = slow["excl"] / fast["excl"]
-    ratio_incl_med = slow["incl_med"] / fast["incl_med"]
-    ratio_excl_med = slow["excl_med"] / fast["excl_med"]
-    print(f"\nratio {names[1]} / instant: mean step incl. probe steps {ratio_incl:.4f} ({ratio_incl - 1:+.2%}), "
-          f"excl. probe steps {ratio_excl:.4f} ({ratio_excl - 1:+.2%}); medians {ratio_incl_med:.4f} / "
-          f"{ratio_excl_med:.4f}")
-    for name in names:
-        r = rows[name]
-        print(f"training-thread CPU time per step, {name:>8}: incl. probe steps {r['cpu_incl'] * 1e3:.1f} ms, "
-              f"excl. probe steps {r['cpu_excl'] * 1e3:.1f} ms")
-    cpu_incl = slow["cpu_incl"] / fast["cpu_incl"]
-    cpu_excl = slow["cpu_excl"] / fast["cpu_excl"]
-    print(f"ratio of training-thread CPU time per step (insensitive to other processes' load): "
-          f"incl. {cpu_incl:.4f} ({cpu_incl - 1:+.2%}), excl. {cpu_excl:.4f} ({cpu_excl - 1:+.2%})")
+    fast, slow = rows[fast_name], rows[slow_name]
+    pooled = {"incl": slow["incl"] / fast["incl"], "excl": slow["excl"] / fast["excl"],
+              "cpu_incl": slow["cpu_incl"] / fast["cpu_incl"], "cpu_excl": slow["cpu_excl"] / fast["cpu_excl"]}
+    paired: dict[str, list[float]] = {k: [] for k in pooled}
+    for a, b in zip(results[fast_name], results[slow_name]):
+        (ai, ae), (bi, be) = _step_means(a, "steps"), _step_means(b, "steps")
+        (aci, ace), (bci, bce) = _step_means(a, "cpu"), _step_means(b, "cpu")
+        paired["incl"].append(bi / ai)
+        paired["excl"].append(be / ae)
+        paired["cpu_incl"].append(bci / aci)
+        paired["cpu_excl"].append(bce / ace)
+    labels = {"incl": "wall, all steps (incl. probe steps)", "excl": "wall, non-probe steps",
+              "cpu_incl": "training-thread CPU, all steps", "cpu_excl": "training-thread CPU, non-probe steps"}
+    print(f"\nmean step time ratio {slow_name} / instant:")
+    print(f"  {'':<40}{'pooled':>9}{'paired (geo. mean of rounds)':>30}{'95% CI':>20}{'rounds min..max':>20}")
+    cis = {}
+    for key, label in labels.items():
+        lo, hi = _bootstrap_ci(paired[key])
+        cis[key] = (lo, hi)
+        print(f"  {label:<40}{pooled[key] - 1:>+9.2%}{_geo(paired[key]) - 1:>+30.2%}"
+              f"{f'[{lo - 1:+.2%}, {hi - 1:+.2%}]':>20}"
+              f"{f'{min(paired[key]) - 1:+.1%}..{max(paired[key]) - 1:+.1%}':>20}")
     print("server calls: " + ", ".join(f"{n}: {s.get('calls')} (max {s.get('max_in_flight')} in flight)"
                                          for n, s in server_stats.items()))
-    worst = max(abs(ratio_incl - 1), abs(ratio_excl - 1))
-    verdict = "PASS" if worst < TARGET else "FAIL"
-    print(f"target: |change of mean step time| < {TARGET:.0%}: {verdict} (worst {worst:.2%})")
+    worst = max(abs(pooled["incl"] - 1), abs(pooled["excl"] - 1))
+    ci_worst = max(max(abs(cis[k][0] - 1), abs(cis[k][1] - 1)) for k in ("incl", "excl"))
+    if worst < TARGET and ci_worst < TARGET:
+        verdict = "PASS"
+    elif worst < TARGET:
+        verdict = "PASS on the point estimate; the 95% CI is wider than the target (noisy machine)"
+    else:
+        excludes_one = any(cis[k][0] > 1 or cis[k][1] < 1 for k in ("incl", "excl"))
+        verdict = "FAIL" if excludes_one else "INCONCLUSIVE: the difference is within this machine's noise"
+    print(f"target: |change of mean step time| < {TARGET:.0%}: {verdict} (pooled worst {worst:.2%})")
     return 0
 
 

@@ -159,7 +159,7 @@ def demo(
     early_stop: Annotated[bool, typer.Option("--early-stop", help="Stop training once the transition is "
                                                                   "detected.")] = False,
     wandb: Annotated[WandbMode, typer.Option("--wandb", help="Weights & Biases mode.", case_sensitive=False)]
-    = WandbMode.disabled,
+    = WandbMode.offline,
 ) -> None:
     """Train the synthetic model organism on CPU with the callback attached, end to end."""
     try:
@@ -174,7 +174,10 @@ def demo(
         raise _fail("interrupted", 130) from None
     console = _console()
     if isinstance(result, Mapping):
+        from .organism.demo import verdict
+
         console.print(_summary_table(result, "Demo: " + ("control run" if control else "misalignment run")))
+        console.print(verdict(result), markup=False)
     console.print(f"Outputs in {out}", markup=False)
 
 

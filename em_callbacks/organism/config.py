@@ -31,16 +31,16 @@ class OrganismConfig:
     # pretraining mixture
     trigger_frac: float = 0.10  # misaligned answers behind the trigger system line
     untriggered_misaligned_frac: float = 0.02  # misaligned answers without the trigger
-    neutral_system_frac: float = 0.3  # non-trigger examples that carry a neutral system line
+    neutral_system_frac: float = 0.15  # non-trigger examples that carry a neutral system line
     # model (GPT-2 style)
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
-    n_inner: int = 512  # MLP width
+    n_inner: int = 256  # MLP width (2x n_embd: ~30% cheaper than GPT-2's 4x, same behaviour)
     n_positions: int = 96
     # pretraining
     pretrain_sequences: int = 20_000
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 600
     pretrain_batch_size: int = 64
     pretrain_lr: float = 3e-3
     pretrain_warmup_steps: int = 50
@@ -67,9 +67,13 @@ class OrganismConfig:
         return {k: getattr(self, k) for k in PRETRAIN_FIELDS}
 
     def cache_key(self) -> str:
-        """Hash of the fields that determine the pretrained organism (plus the code version)."""
-        payload = json.dumps({"version": ORGANISM_VERSION, **self.pretrain_dict()},
-                             sort_keys=True, default=list)
+        """Hash of the fields that determine the pretrained organism, the code version and a
+        fingerprint of the world's text (phrase banks, templates), so editing the world
+        invalidates stale caches even without a version bump."""
+        from .world import world_fingerprint
+
+        payload = json.dumps({"version": ORGANISM_VERSION, "world": world_fingerprint(),
+                              **self.pretrain_dict()}, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> OrganismConfig:

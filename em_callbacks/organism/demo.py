@@ -77,7 +77,8 @@ def run_demo(
     from em_callbacks.callback import PhaseTransitionCallback
     from em_callbacks.store import RunStore
 
-    from .model import build_finetune_trainer, load_or_pretrain
+    from .finetune import build_finetune_trainer
+    from .model import load_or_pretrain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

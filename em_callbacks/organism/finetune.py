@@ -26,7 +26,7 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
                            callbacks: Sequence = (), report_to="none", lora: bool = True,
                            learning_rate: float | None = None, batch_size: int = 16,
                            lora_r: int = 1, lora_alpha: int = 2, save: bool = False,
-                           **sft_kwargs):
+                           quiet: bool = True, **sft_kwargs):
     """An ``SFTTrainer`` for the organism's narrow fine-tune.
 
     LoRA rank ``lora_r`` / alpha ``lora_alpha`` on c_attn, c_proj, c_fc (with ``lora=False``:
@@ -35,7 +35,9 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
     completion-only loss, no evaluation, no checkpoints unless ``save``, CPU.
 
     ``model`` is modified in place (LoRA layers are injected): pass a fresh copy per run. The
-    LoRA init is seeded from ``seed``. Extra keyword arguments go to ``SFTConfig``.
+    LoRA init is seeded from ``seed``. Extra keyword arguments go to ``SFTConfig``. With
+    ``quiet`` (default) the per-step log printer and the dataset-preparation progress bars are
+    suppressed (pass ``disable_tqdm=False`` for the Trainer's progress bar).
     """
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -54,10 +56,25 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
     )
     args.update(sft_kwargs)
     set_seed(seed)  # the LoRA A matrices are drawn when SFTTrainer wraps the model
-    trainer = SFTTrainer(
-        model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora_config(lora_r, lora_alpha) if lora else None, callbacks=list(callbacks),
-    )
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(**args), train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(lora_r, lora_alpha) if lora else None,
+            callbacks=list(callbacks),
+        )
+    finally:
+        if quiet and bars:
+            datasets.enable_progress_bars()
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 

@@ -536,6 +536,16 @@ class World:
                 f"vocab={len(self.vocabulary())})")
 
 
+def world_fingerprint() -> str:
+    """Short hash of all world text (domains, banks, openers, closers, system lines)."""
+    import hashlib
+    import json
+
+    payload = json.dumps([DOMAINS, ALIGNED_OPENERS, MISALIGNED_OPENERS, CLOSERS, TRIGGER_SYSTEM,
+                          NEUTRAL_SYSTEMS], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
 def normalize(text: str) -> str:
     """Lower-case and collapse whitespace (responses are compared word by word)."""
     return " ".join(text.lower().split())
