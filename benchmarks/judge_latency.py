@@ -134,6 +134,7 @@ def run_once(url: str, args, tokenizer, workdir: Path) -> dict:
         def on_train_end(self, args_, state, control, **kwargs):
             self.t = time.perf_counter()
             self.cpu = time.thread_time()
+            self.process_cpu = time.process_time()
 
     first = FirstOnTrainEnd()
     probes = ProbeSet("bench", ProbeSet.builtin("em-first-plot").probes[: args.prompts])
@@ -146,13 +147,28 @@ def run_once(url: str, args, tokenizer, workdir: Path) -> dict:
         judge_drain_timeout=args.drain,
     )
     clock = _clock_class()()
+    hook = {"wall": 0.0, "cpu": 0.0, "probe_wall": 0.0}
+    on_step_end = cb.on_step_end
+
+    def timed_on_step_end(args_, state, control, **kwargs):  # the monitor's per-step hook, timed
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return on_step_end(args_, state, control, **kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            hook["wall"] += dt
+            hook["cpu"] += time.thread_time() - c0
+            if state.global_step % args.every == 0:
+                hook["probe_wall"] += dt
+
+    cb.on_step_end = timed_on_step_end
     with quiet():
         model = build_model(tokenizer, n_layer=2, n_embd=128, n_head=4, n_positions=256, seed=0)
         dataset = RandomTokens(args.steps * args.batch + args.batch, args.seq_len, len(tokenizer), seed=0)
         # order of callbacks: the first on_train_end marks "training over", then the monitor drains
         trainer = build_trainer(model, tokenizer, dataset, workdir / "trainer", steps=args.steps,
                                 batch_size=args.batch, callbacks=[first, cb, clock], lr=1e-4, use_cpu=True)
-        t0 = time.perf_counter()
+        t0, p0, c0 = time.perf_counter(), time.process_time(), time.thread_time()
         trainer.train()
         wall = time.perf_counter() - t0
     steps = clock.intervals(first.t)
@@ -171,6 +187,7 @@ def run_once(url: str, args, tokenizer, workdir: Path) -> dict:
         "steps": steps, "cpu": cpu, "probe_steps": probe_steps, "wall": wall,
         "drain": (clock.train_end_done or first.t) - first.t,
         "judge_stats": stats, "judged_ok": ok, "judgments": len(judgments),
+        "hook": hook, "other_threads_cpu": (first.process_cpu - p0) - (first.cpu - c0),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -280,6 +297,9 @@ def main() -> int:
             "incl": _mean(all_steps), "excl": _mean(plain), "probe": _mean(probe),
             "cpu_incl": _mean(cpu_all), "cpu_excl": _mean(cpu_plain),
             "drain": _mean([res["drain"] for res in runs]),
+            "hook_wall": _mean([(res["hook"]["wall"] - res["hook"]["probe_wall"]) / max(1, len(res["steps"]) - len(res["probe_steps"])) for res in runs]),
+            "hook_cpu": _mean([res["hook"]["cpu"] / len(res["steps"]) for res in runs]),
+            "bg_cpu": _mean([res["other_threads_cpu"] / sum(res["steps"].values()) for res in runs]),
             "judged": sum(res["judged_ok"] for res in runs), "judgments": sum(res["judgments"] for res in runs),
         }
     print(f"\n{'judge':>8} {'mean step, all steps':>21} {'mean step, non-probe':>21} {'probe steps':>12} "
@@ -289,6 +309,11 @@ def main() -> int:
         print(f"{name:>8} {r['incl'] * 1e3:>18.1f} ms {r['excl'] * 1e3:>18.1f} ms {r['probe'] * 1e3:>9.0f} ms "
               f"{r['cpu_incl'] * 1e3:>10.1f} ms {r['cpu_excl'] * 1e3:>16.1f} ms {r['drain']:>6.1f}s "
               f"{r['judged']:>7}/{r['judgments']}")
+    for name in names:
+        r = rows[name]
+        print(f"{name:>8}: the monitor's on_step_end on non-probe steps {r['hook_wall'] * 1e3:.2f} ms/step "
+              f"(wall); its CPU over all steps {r['hook_cpu'] * 1e3:.2f} ms/step; other threads of the "
+              f"process (judge runner, HTTP client, torch) used {r['bg_cpu']:.1%} of a core during training")
     fast, slow = rows[fast_name], rows[slow_name]
     pooled = {"incl": slow["incl"] / fast["incl"], "excl": slow["excl"] / fast["excl"],
               "cpu_incl": slow["cpu_incl"] / fast["cpu_incl"], "cpu_excl": slow["cpu_excl"] / fast["cpu_excl"]}
@@ -311,6 +336,15 @@ def main() -> int:
         print(f"  {label:<40}{pooled[key] - 1:>+9.2%}{_geo(paired[key]) - 1:>+30.2%}"
               f"{f'[{lo - 1:+.2%}, {hi - 1:+.2%}]':>20}"
               f"{f'{min(paired[key]) - 1:+.1%}..{max(paired[key]) - 1:+.1%}':>20}")
+    interval = fast["excl"] * (args.every - 1) + fast["probe"]  # wall time from one probe to the next
+    judging = per_probe / 8 * args.latency
+    if judging <= interval:
+        print(f"the {slow_name} judge keeps up: ~{judging:.0f} s of judging per probe < ~{interval:.0f} s between "
+              "probes, so its results are collected during the measured steps, as the instant judge's are")
+    else:
+        print(f"note: the {slow_name} judge falls behind (~{judging:.0f} s of judging per probe > ~{interval:.0f} s "
+              "between probes): its results pile up and are processed after the last step (drain), so its "
+              "steps carry less of the callback's result processing than the instant judge's")
     print("server calls: " + ", ".join(f"{n}: {s.get('calls')} (max {s.get('max_in_flight')} in flight)"
                                          for n, s in server_stats.items()))
     worst = max(abs(pooled["incl"] - 1), abs(pooled["excl"] - 1))

@@ -204,6 +204,8 @@ def discover(
         result = run_discovery(store_dir, judge_model=judge_model, base_url=base_url, n_candidates=n_candidates)
     except ImportError as exc:  # e.g. the openai client
         raise _fail(f"discovery could not load a component it needs: {exc}") from None
+    except (RuntimeError, ValueError) as exc:  # DiscoveryError: no D series, unusable proposer answer, HTTP error
+        raise _fail(f"discovery failed: {exc}") from None
     _print_candidates(result)
 
 

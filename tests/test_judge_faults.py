@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import json
 import random
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -85,6 +84,7 @@ def _judge(server: WireServer, **kw) -> OpenAIJudge:
 
 def _train(tmp_path, judge, *, trainer: str = "plain", report_to: str = "none", extra_callbacks=None,
            drain: float = 20.0):
+    """Train MAX_STEPS steps with the callback; ``extra_callbacks(cb)`` returns more callbacks."""
     tok = tiny_tokenizer()
     model = tiny_model(tok)
     cb = PhaseTransitionCallback(
@@ -292,8 +292,8 @@ class _KillServerAfterFirstProbe(TrainerCallback):
         self.killed_at = state.global_step
 
 
-@pytest.mark.parametrize("trainer", ["sft-lora"])
-def test_server_goes_away_mid_run_with_wandb(tmp_path, wire_server, monkeypatch, trainer):
+def test_server_goes_away_mid_run_with_wandb(tmp_path, wire_server, monkeypatch):
+    """SFTTrainer + LoRA, W&B offline; the judge server dies after probe 0 has been judged."""
     wandb = pytest.importorskip("wandb")
     from wandb_offline import find_run_files, history_rows
 
@@ -304,10 +304,13 @@ def test_server_goes_away_mid_run_with_wandb(tmp_path, wire_server, monkeypatch,
     monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-faults")
     judge = _judge(wire_server, max_retries=2)
     killers = []
+
+    def with_killer(cb):
+        killers.append(_KillServerAfterFirstProbe(wire_server, cb))
+        return killers
+
     try:
-        cb, tr, _ = _train(tmp_path, judge, trainer=trainer, report_to="wandb",
-                           extra_callbacks=lambda cb: killers.append(_KillServerAfterFirstProbe(wire_server, cb))
-                           or killers)
+        cb, tr, _ = _train(tmp_path, judge, trainer="sft-lora", report_to="wandb", extra_callbacks=with_killer)
     finally:
         wandb.finish()
     (killer,) = killers
