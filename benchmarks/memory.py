@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import LoadSampler, machine_header, median, set_threads, spread  # noqa: E402
+from _common import LoadSampler, machine_header, median, set_threads  # noqa: E402
 
 MB = 1024 * 1024
 TARGET = 3.0

@@ -25,7 +25,7 @@ Two measurements, each A (no callback) and B (callback) in the same process:
 
 2. End-to-end (``--end-to-end``): the same fine-tune of ``--e2e-intervals`` x 25 steps, with
    and without the callback, interleaved ABAB ``--e2e-rounds`` times: the plain wall-time
-   ratio. On the reference 2-core CPU machine one 50-step run takes ~10 minutes, hence opt-in.
+   ratio. On the reference 2-core CPU machine one 50-step run takes 3-10 minutes, hence opt-in.
 
 3. The model organism (``em-callbacks demo``'s fine-tune: probes every 2 steps of a very
    cheap step, so its overhead is large by design), A/B on the same fine-tune, with the
@@ -63,7 +63,6 @@ from _common import (  # noqa: E402
     spread,
 )
 
-import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 TARGET = 0.10
@@ -186,9 +185,17 @@ def run_once(mode: str, with_callback: bool, steps: int, probe_every: int, workd
     return result
 
 
+def selected_modes(args) -> list[str]:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "none"]
+    unknown = [m for m in modes if m not in ("full", "lora")]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}: use full, lora or none")
+    return modes
+
+
 def accounting(args, tokenizer, timer: PhaseTimer, log) -> dict[str, dict]:
     results: dict[str, dict] = {}
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = selected_modes(args)
     for rnd in range(args.rounds):
         for mode in modes:
             order = (False, True) if rnd % 2 == 0 else (True, False)  # ABBA across rounds
@@ -234,7 +241,7 @@ def report_accounting(results: dict[str, dict], args, log) -> dict[str, float]:
     in one process (the finest A/B interleaving there is); A's steps ran minutes apart.
     """
     verdicts = {}
-    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for mode in selected_modes(args):
         a, b = results.get(f"{mode}/A"), results.get(f"{mode}/B")
         if not a or not b:
             continue
@@ -284,7 +291,7 @@ def report_accounting(results: dict[str, dict], args, log) -> dict[str, float]:
 
 def end_to_end(args, tokenizer, timer: PhaseTimer, log) -> None:
     steps = args.e2e_intervals * args.interval
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = selected_modes(args)
     for mode in modes:
         walls = {"A": [], "B": []}
         for rnd in range(args.e2e_rounds):
@@ -382,7 +389,7 @@ def organism(args, timer: PhaseTimer, log) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps, one round, no organism A/B repeat")
-    ap.add_argument("--modes", default="full,lora", help="comma-separated: full, lora")
+    ap.add_argument("--modes", default="full,lora", help="comma-separated: full, lora (none: organism only)")
     ap.add_argument("--steps", type=int, default=None, help="steps per accounting run (default 4, quick 2)")
     ap.add_argument("--probe-every", type=int, default=2, help="dense probe cadence of the accounting runs")
     ap.add_argument("--interval", type=int, default=25, help="the real probe interval (every_n_steps)")
@@ -420,10 +427,11 @@ def main() -> None:
     timer = PhaseTimer()
     instrument(timer)
     with LoadSampler() as load:
-        log(f"\n[1] interval accounting: {args.steps} steps per run, probe every {args.probe_every} "
-            f"(A = without, B = with), modes {args.modes}")
-        results = accounting(args, tokenizer, timer, log)
-        report_accounting(results, args, log)
+        if selected_modes(args):
+            log(f"\n[1] interval accounting: {args.steps} steps per run, probe every {args.probe_every} "
+                f"(A = without, B = with), modes {args.modes}")
+            results = accounting(args, tokenizer, timer, log)
+            report_accounting(results, args, log)
         if args.end_to_end:
             log(f"\n[2] end-to-end A/B: {args.e2e_intervals} x {args.interval} steps")
             end_to_end(args, tokenizer, timer, log)

@@ -689,7 +689,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                 left_kernels = _kernels_by_prompt(progress[:n_left], [self._sample_keys[j] for j in left], width)
                 right_kernels = _kernels_by_prompt(progress[n_left:], [self._sample_keys[j] for j in right], width)
                 try:
-                    captured = decompose(op, left_kernels, right_kernels, full.per_prompt, measure=full.measure)
+                    captured = decompose(op, left_kernels, right_kernels, full.per_prompt, measure=full.measure,
+                                         pool_prompts=True)
                 except Exception as exc:  # noqa: BLE001 - a bad judge batch must not stop training
                     self._record_fault("decomposition", self._probe_steps[i], order_parameter=op.name, error=repr(exc))
                     continue

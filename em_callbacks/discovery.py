@@ -329,7 +329,8 @@ def run_discovery(
     for op in candidates:
         lk = {pid: kernels_from_judgments(grouped.get((op.name, "left", pid), []), op.scale) for pid in keys}
         rk = {pid: kernels_from_judgments(grouped.get((op.name, "right", pid), []), op.scale) for pid in keys}
-        captured = decompose(op, lk, rk, full, measure=measure, n_resamples=n_resamples, rng=seed)
+        captured = decompose(op, lk, rk, full, measure=measure, n_resamples=n_resamples, rng=seed,
+                             pool_prompts=True)
         mine = [j for (name, _, _), js in grouped.items() if name == op.name for j in js]
         failed = [j for j in mine if getattr(j, "probs", None) is None or getattr(j, "error", None) is not None]
         kinds: dict[str, int] = {}

@@ -133,7 +133,8 @@ def test_live_decomposition_captures_the_property_that_changed(live_run):
             extra = m["D/tv"]["extra"]
             left, right = extra["left"], extra["right"]
             full = _per_prompt_full(extra, "tv", SAMPLES * 2)
-            again = decompose(op, _kernels(store, op, left), _kernels(store, op, right), full, measure="tv")
+            again = decompose(op, _kernels(store, op, left), _kernels(store, op, right), full, measure="tv",
+                              pool_prompts=True)
             assert m[f"captured/{op.name}"]["value"] == pytest.approx(again.value, rel=1e-9)
             assert m[f"captured/{op.name}"]["stderr"] == pytest.approx(again.stderr, rel=1e-9)
 
