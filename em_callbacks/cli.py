@@ -174,10 +174,13 @@ def demo(
         raise _fail("interrupted", 130) from None
     console = _console()
     if isinstance(result, Mapping):
-        from .organism.demo import verdict
-
         console.print(_summary_table(result, "Demo: " + ("control run" if control else "misalignment run")))
-        console.print(verdict(result), markup=False)
+        try:
+            from .organism.demo import verdict
+        except ImportError:  # a demo module without a verdict (e.g. a user's own)
+            verdict = None
+        if verdict is not None:
+            console.print(verdict(result), markup=False)
     console.print(f"Outputs in {out}", markup=False)
 
 

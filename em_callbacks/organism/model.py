@@ -47,7 +47,7 @@ def build_model(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> G
         n_layer=config.n_layer, n_head=config.n_head, n_inner=config.n_inner,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, loss_type="ForCausalLM",
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     torch.manual_seed(config.seed)
     model = GPT2LMHeadModel(gcfg)
@@ -56,6 +56,7 @@ def build_model(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> G
 
 
 def _set_generation_defaults(model, tokenizer, config: OrganismConfig) -> None:
+    model.loss_type = "ForCausalLM"  # silences transformers' "loss_type=None" warning
     gc = model.generation_config
     gc.bos_token_id = tokenizer.bos_token_id
     gc.eos_token_id = tokenizer.eos_token_id
@@ -112,9 +113,17 @@ def encode_pretraining(world: World, tokenizer, n: int, seed: int):
     return input_ids, labels, lengths, examples
 
 
-def pretrain(model, tokenizer, world: World, progress: bool = True) -> dict:
-    """Plain torch loop: AdamW, linear warm-up then cosine decay to 10%; loss on answers only."""
+def pretrain(model, tokenizer, world: World, progress: bool = True,
+             threads: int | None = None) -> dict:
+    """Plain torch loop: AdamW, linear warm-up then cosine decay to 10%; loss on answers only
+    (logits are computed only where there is a label).
+
+    ``threads=None`` picks the torch thread count adaptively between 1 and the current
+    setting by timing a few steps now and then: on an oversubscribed machine 2 threads can be
+    several times slower than 1. The previous thread count is restored afterwards.
+    """
     import torch
+    import torch.nn.functional as F
 
     c = world.config
     input_ids, labels, lengths, _ = encode_pretraining(world, tokenizer, c.pretrain_sequences,
@@ -141,31 +150,74 @@ def pretrain(model, tokenizer, world: World, progress: bool = True) -> dict:
         bar = tqdm(total=c.pretrain_steps, desc="pretraining organism", unit="step")
     model.train()
     batches = _length_grouped_batches(lengths, c.pretrain_batch_size, c.pretrain_steps, gen)
+    prev_threads = torch.get_num_threads()
+    tuner = _ThreadTuner([threads] if threads else sorted({1, prev_threads}))
     t0 = time.perf_counter()
     ema = None
     history = []
-    for step, idx in enumerate(batches):
-        width = int(lengths[idx].max())
-        x, y = input_ids[idx, :width], labels[idx, :width]
-        out = model(input_ids=x, attention_mask=(x != tokenizer.pad_token_id).long(), labels=y)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss = out.loss.detach().item()
-        ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-        if step % 50 == 0 or step == c.pretrain_steps - 1:
-            history.append((step, round(ema, 4)))
+    try:
+        for step, idx in enumerate(batches):
+            n_threads = tuner.pick(step)
+            torch.set_num_threads(n_threads)
+            ts = time.perf_counter()
+            width = int(lengths[idx].max())
+            # Right padding + causal attention: pads never influence real tokens, no mask needed.
+            x, y = input_ids[idx, :width], labels[idx, :width]
+            hidden = model.transformer(input_ids=x).last_hidden_state[:, :-1]
+            target = y[:, 1:]
+            keep = target != -100
+            loss = F.cross_entropy(model.lm_head(hidden[keep]), target[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_v = loss.detach().item()
+            tuner.record(step, n_threads, (time.perf_counter() - ts) / x.numel())
+            ema = loss_v if ema is None else 0.9 * ema + 0.1 * loss_v
+            if step % 50 == 0 or step == c.pretrain_steps - 1:
+                history.append((step, round(ema, 4)))
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{ema:.3f}", threads=n_threads)
+    finally:
+        torch.set_num_threads(prev_threads)
         if bar is not None:
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{ema:.3f}")
-    if bar is not None:
-        bar.close()
+            bar.close()
     model.eval()
     return {"final_loss": ema, "seconds": time.perf_counter() - t0, "steps": c.pretrain_steps,
-            "loss_history": history}
+            "loss_history": history, "threads_used": tuner.usage}
+
+
+class _ThreadTuner:
+    """Alternate thread counts for a few steps every ``every`` steps; use the fastest between."""
+
+    def __init__(self, candidates: list[int], every: int = 100, trials: int = 2):
+        self.cands, self.every, self.trials = candidates, every, trials
+        self.best = candidates[-1]
+        self.times: dict[int, list[float]] = {c: [] for c in candidates}
+        self.usage: dict[int, int] = {c: 0 for c in candidates}
+
+    def _trial(self, step: int) -> int | None:
+        phase = step % self.every
+        if len(self.cands) > 1 and 1 <= phase <= self.trials * len(self.cands):
+            return phase - 1
+        return None
+
+    def pick(self, step: int) -> int:
+        k = self._trial(step)
+        n = self.best if k is None else self.cands[k % len(self.cands)]
+        self.usage[n] += 1
+        return n
+
+    def record(self, step: int, n: int, sec_per_token: float) -> None:
+        k = self._trial(step)
+        if k is None:
+            return
+        self.times[n].append(sec_per_token)
+        if k == self.trials * len(self.cands) - 1:
+            self.best = min(self.cands, key=lambda c: min(self.times[c][-self.trials:]))
 
 
 def _length_grouped_batches(lengths, batch_size: int, steps: int, gen, group: int = 8):
