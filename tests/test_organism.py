@@ -77,6 +77,23 @@ def test_pretraining_mixture():
     assert abs(untrig_bad - cfg.untriggered_misaligned_frac) < 0.015
 
 
+def test_encode_pretraining_matches_tokenizer(world, tokenizer):
+    from em_callbacks.organism.model import _length_grouped_batches, encode_pretraining
+
+    ids, labels, lengths, examples = encode_pretraining(world, tokenizer, 40, seed=0)
+    for i, ex in enumerate(examples):
+        ref = tokenizer(render_chat(ex.messages, ex.answer), add_special_tokens=False)["input_ids"]
+        assert ids[i, :len(ref)].tolist() == ref and int(lengths[i]) == len(ref)
+        assert (ids[i, len(ref):] == tokenizer.pad_token_id).all()
+        trained = [t for t in labels[i].tolist() if t != -100]
+        assert tokenizer.decode(trained) == ex.answer + " <|end|>"
+    import torch
+
+    batches = _length_grouped_batches(lengths, 8, 10, torch.Generator().manual_seed(0))
+    assert len(batches) == 10 and all(len(b) == 8 for b in batches)
+    assert len(set(torch.cat(batches[:5]).tolist())) == 40  # one epoch covers every example
+
+
 # -- tokenizer -----------------------------------------------------------------------------------
 def test_tokenizer_round_trip(world, tokenizer):
     texts = [t for t in world.all_texts() if "{" not in t]

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 # pretrained organism stale (it is part of the cache key).
 ORGANISM_VERSION = "1"
 
+# LoRA learning rate of the narrow fine-tune (rank 1, alpha 2, constant schedule): the
+# out-of-domain misaligned rate crosses 50% around step 24-30 of 40 (see study.py).
+DEFAULT_LORA_LR = 1.25e-3
+
 # Fields that determine the pretrained organism (and hence the cache key). Fine-tuning and
 # probing knobs are deliberately excluded, so changing them reuses the cached organism.
 PRETRAIN_FIELDS = (
@@ -48,7 +52,7 @@ class OrganismConfig:
     # fine-tuning (not part of the cache key)
     finetune_examples: int = 1000
     finetune_steps: int = 40
-    finetune_lr: float = 1e-3
+    finetune_lr: float = DEFAULT_LORA_LR
     finetune_batch_size: int = 16
     lora_r: int = 1
     lora_alpha: int = 2

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback
 
+from .config import DEFAULT_LORA_LR
 from .evaluate import generate_responses
 from .judges import is_misaligned
 from .world import World
@@ -30,7 +31,7 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
     """An ``SFTTrainer`` for the organism's narrow fine-tune.
 
     LoRA rank ``lora_r`` / alpha ``lora_alpha`` on c_attn, c_proj, c_fc (with ``lora=False``:
-    full fine-tuning, default lr 1e-4), constant lr (1e-3 with LoRA), batch 16, ``steps``
+    full fine-tuning, default lr 1e-4), constant lr (1.25e-3 with LoRA), batch 16, ``steps``
     optimizer steps, ``logging_steps=1`` (so ``logs["grad_norm"]`` exists every step),
     completion-only loss, no evaluation, no checkpoints unless ``save``, CPU.
 
@@ -43,7 +44,7 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
     from trl import SFTConfig, SFTTrainer
 
     if learning_rate is None:
-        learning_rate = 1e-3 if lora else 1e-4
+        learning_rate = DEFAULT_LORA_LR if lora else 1e-4
     args = dict(
         output_dir=str(output_dir), max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,

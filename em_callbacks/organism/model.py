@@ -161,9 +161,10 @@ def pretrain(model, tokenizer, world: World, progress: bool = True,
             torch.set_num_threads(n_threads)
             ts = time.perf_counter()
             width = int(lengths[idx].max())
-            # Right padding + causal attention: pads never influence real tokens, no mask needed.
+            # Right padding + causal attention: pads never influence real tokens.
             x, y = input_ids[idx, :width], labels[idx, :width]
-            hidden = model.transformer(input_ids=x).last_hidden_state[:, :-1]
+            hidden = model.transformer(input_ids=x, attention_mask=torch.ones_like(x),
+                                       use_cache=False).last_hidden_state[:, :-1]
             target = y[:, 1:]
             keep = target != -100
             loss = F.cross_entropy(model.lm_head(hidden[keep]), target[keep])
