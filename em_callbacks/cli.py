@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 import typer
 from typing_extensions import Annotated
 
+from .report import format_value as _fmt
+
 app = typer.Typer(
     name="em-callbacks",
     help="Watch fine-tuning runs for behavioural phase transitions (emergent misalignment).",
@@ -70,14 +72,6 @@ def _resolve_run_dir(run_dir: Path) -> Path:
         raise _fail(str(exc), EXIT_USAGE) from None
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
 
 
 def _lag(x: Any) -> str:

@@ -888,7 +888,8 @@ def write_samples_markdown(examples: Mapping[str, Any], path: str | Path) -> Pat
 # ------------------------------------------------------------------------------------------
 
 
-def _fmt(x: Any) -> str:
+def format_value(x: Any) -> str:
+    """A summary value for tables and plots: '-' for missing, yes/no, 4 significant digits."""
     if x is None:
         return "-"
     if isinstance(x, bool):
@@ -924,7 +925,7 @@ def _report_markdown(summary: Mapping[str, Any], files: Mapping[str, str], run_d
         "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in rows],
+        *[f"| {k} | {format_value(v)} |" for k, v in rows],
         "",
     ]
     off = summary.get("offline") or {}
@@ -944,7 +945,7 @@ def _report_markdown(summary: Mapping[str, Any], files: Mapping[str, str], run_d
     cap = summary.get("captured_at_peak") or {}
     if cap:
         lines += ["## Captured fraction at the D peak", "", "| order parameter | r_O | stderr |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(v.get('value'))} | {_fmt(v.get('stderr'))} |" for k, v in cap.items()]
+        lines += [f"| {k} | {format_value(v.get('value'))} | {format_value(v.get('stderr'))} |" for k, v in cap.items()]
         lines.append("")
     lines += [
         "## Plots",
