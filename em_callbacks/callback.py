@@ -518,7 +518,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             self._record_fault("nan_logprobs", step, count=nan_logp)
         i = k - self.window
         if i >= 0 and self._history.computable(i, two_sided=self._mode == "snapshot"):
-            metrics, logged = self._window_metrics(i)
+            logged = self._window_metrics(i)
         lengths = [len(r.token_ids) for r in records]
         logged.update({
             "samples/mean_tokens": float(np.mean(lengths)),
@@ -553,7 +553,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             self._try_decompositions()
         return self._stop_decision(step)
 
-    def _window_metrics(self, i: int) -> tuple[list[tuple], dict[str, float]]:
+    def _window_metrics(self, i: int) -> dict[str, float]:
+        """Compute D(t_i) for every measure, store it on probe i's row, return what to log."""
         step_i = self._probe_steps[i]
         metrics, logged = [], {}
         results = {}
@@ -575,7 +576,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._full[i] = results
         # D(t_i) belongs to probe i: rewrite its metrics row there too.
         self._store.write_metrics(i, step_i, metrics)
-        return [], logged
+        return logged
 
     def _update_detection(self, i: int) -> None:
         result = self._full[i].get(self.primary_measure) or next(iter(self._full[i].values()))
