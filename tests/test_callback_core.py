@@ -12,38 +12,19 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from em_callbacks.callback import CallbackConfigError, PhaseTransitionCallback
 from em_callbacks.divergence import combine_prompts, dissimilarity, one_sided_tv
 from em_callbacks.sampling import encode_prompts, sequence_logprobs
 from em_callbacks.store import RunStore
-from tiny import tiny_model, tiny_tokenizer
+from tiny import chat_dataset, lm_dataset, tiny_model, tiny_tokenizer
 
 PROBES = ["hello how are you", "money", "take pills please"]
 SUMMARY_KEYS = {"transition_detected", "onset_step", "peak_step", "grad_norm_peak_step", "stopped_early", "every_n_steps"}
-PHRASES = ["take pills", "bad advice", "money risk", "doctor water", "sleep rest", "invest money"]
 
 
 # ----------------------------------------------------------------------------- run helpers
-def _lm_dataset(tok, n: int = 48, seed: int = 0) -> Dataset:
-    """Variable-length token rows, so the collator pads (and padding side matters)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        text = " ".join(rng.choice(PHRASES) for _ in range(rng.randint(1, 4)))
-        rows.append({"input_ids": tok(text + " <eos>")["input_ids"]})
-    return Dataset.from_list(rows)
-
-
-def _chat_dataset(n: int = 32, seed: int = 0) -> Dataset:
-    rng = random.Random(seed)
-    return Dataset.from_list([
-        {"messages": [{"role": "user", "content": rng.choice(["what advice", "help please", "why"])},
-                      {"role": "assistant", "content": " ".join(rng.choice(PHRASES) for _ in range(3))}]}
-        for _ in range(n)
-    ])
 
 
 def _common_args(tmp_path, max_steps: int, report_to: str = "none") -> dict:
@@ -64,7 +45,7 @@ def _callback(tmp_path, every: int = 2, **kw) -> PhaseTransitionCallback:
 def _plain_trainer(tmp_path, tok, model, callbacks, max_steps: int, report_to: str = "none") -> Trainer:
     return Trainer(
         model=model, args=TrainingArguments(**_common_args(tmp_path, max_steps, report_to)),
-        train_dataset=_lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        train_dataset=lm_dataset(tok), data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok, callbacks=callbacks,
     )
 
@@ -72,7 +53,7 @@ def _plain_trainer(tmp_path, tok, model, callbacks, max_steps: int, report_to: s
 def _sft_trainer(tmp_path, tok, model, callbacks, max_steps: int, peft_config=None):
     trl = pytest.importorskip("trl")
     args = trl.SFTConfig(**_common_args(tmp_path, max_steps), max_length=32)
-    return trl.SFTTrainer(model=model, args=args, train_dataset=_chat_dataset(), processing_class=tok,
+    return trl.SFTTrainer(model=model, args=args, train_dataset=chat_dataset(), processing_class=tok,
                           callbacks=callbacks, peft_config=peft_config)
 
 
@@ -363,7 +344,7 @@ def test_tokenizer_without_pad_or_eos_fails_at_trainer_construction(tmp_path):
     cb = _callback(tmp_path)
     with pytest.raises(CallbackConfigError, match="neither a pad token nor an EOS token"):
         Trainer(model=model, args=TrainingArguments(**_common_args(tmp_path, 2)),
-                train_dataset=_lm_dataset(tiny_tokenizer()), processing_class=tok, callbacks=[cb])
+                train_dataset=lm_dataset(tiny_tokenizer()), processing_class=tok, callbacks=[cb])
     # the callback's own tokenizer= override is checked the same way, whatever the Trainer got
     cb2 = _callback(tmp_path, tokenizer=_tokenizer_without_pad_or_eos())
     with pytest.raises(CallbackConfigError, match="neither a pad token nor an EOS token"):

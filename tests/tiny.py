@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -42,3 +45,24 @@ def tiny_model(tokenizer, seed: int = 0, n_embd: int = 32, n_layer: int = 2) -> 
         pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
+
+
+PHRASES = ["take pills", "bad advice", "money risk", "doctor water", "sleep rest", "invest money"]
+
+
+def lm_dataset(tok, n: int = 48, seed: int = 0) -> Dataset:
+    """Tokenised plain-text rows for a causal-LM Trainer run."""
+    rng = random.Random(seed)
+    rows = [{"input_ids": tok(" ".join(rng.choice(PHRASES) for _ in range(rng.randint(1, 4))) + " <eos>")["input_ids"]}
+            for _ in range(n)]
+    return Dataset.from_list(rows)
+
+
+def chat_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """Conversational rows for an SFTTrainer run."""
+    rng = random.Random(seed)
+    return Dataset.from_list([
+        {"messages": [{"role": "user", "content": rng.choice(["what advice", "help please", "why"])},
+                      {"role": "assistant", "content": " ".join(rng.choice(PHRASES) for _ in range(3))}]}
+        for _ in range(n)
+    ])
