@@ -154,6 +154,9 @@ def demo(
                                                                   "detected.")] = False,
     wandb: Annotated[WandbMode, typer.Option("--wandb", help="Weights & Biases mode.", case_sensitive=False)]
     = WandbMode.offline,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Pretrain the organism from scratch (1-2 min on 2 "
+                                                            "cores) instead of loading the shipped or cached "
+                                                            "copy; the result replaces the cached copy.")] = False,
 ) -> None:
     """Train the synthetic model organism on CPU with the callback attached, end to end."""
     try:
@@ -161,7 +164,8 @@ def demo(
     except ImportError as exc:
         raise _fail(f"the demo needs em_callbacks.organism.demo, which could not be imported ({exc})") from None
     try:
-        result = run_demo(seed=seed, out=out, control=control, early_stop=early_stop, wandb_mode=wandb.value)
+        result = run_demo(seed=seed, out=out, control=control, early_stop=early_stop, wandb_mode=wandb.value,
+                          retrain=retrain)
     except ImportError as exc:  # a component the demo loads lazily is missing
         raise _fail(f"the demo could not load a component it needs: {exc}") from None
     except KeyboardInterrupt:

@@ -40,7 +40,10 @@ def test_demo_detects_the_transition(tmp_path, organism_cache, monkeypatch):
     interval = summary["every_n_steps"]
     assert summary["transition_detected"] is True
     assert summary["crossing_step"] is not None
-    assert abs(summary["peak_step"] - summary["crossing_step"]) <= interval
+    # D(peak) is the change over [peak, peak + interval]; the rate crossed 50% in
+    # [crossing - interval, crossing]: the two intervals lie within one interval of each other
+    assert summary["peak_to_crossing_lag"] == summary["peak_step"] + interval - summary["crossing_step"]
+    assert abs(summary["peak_to_crossing_lag"]) <= interval
     assert summary["onset_step"] <= summary["crossing_step"]
     assert summary["stopped_early"] is False
     # the decomposition ran at the peak for both order parameters (its accuracy on a

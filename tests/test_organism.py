@@ -215,6 +215,68 @@ def test_cache_hit(tmp_path, monkeypatch):
     assert model_mod.cache_path(cfg) == tmp_path / "env" / "organism" / cfg.cache_key()
 
 
+def test_shipped_organism_matches_the_default_config():
+    """The shipped weights must be the organism of today's default config: a changed world or
+    pretraining default changes the key, and this fails until the copy is refreshed
+    (``em-callbacks demo --retrain``, then copy the new cache directory into
+    ``em_callbacks/organism/pretrained/``)."""
+    import json
+
+    from em_callbacks.organism.model import SHIPPED_DIR, shipped_path
+
+    config = OrganismConfig()
+    path = shipped_path(config)
+    assert path is not None, f"no shipped organism for key {config.cache_key()} in {SHIPPED_DIR}"
+    meta = json.loads((path / "organism.json").read_text())
+    assert meta["cache_key"] == config.cache_key()
+    assert meta["config"] == json.loads(json.dumps(config.pretrain_dict(), default=list))
+    assert [p.name for p in SHIPPED_DIR.iterdir() if not p.name.startswith(".")] == [path.name], \
+        "only the default organism ships"
+
+
+def test_shipped_organism_loads_without_pretraining(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from em_callbacks.organism import model as model_mod
+
+    def boom(*a, **k):
+        raise AssertionError("pretrained although a shipped copy exists")
+
+    monkeypatch.setattr(model_mod, "pretrain", boom)
+    config = OrganismConfig()
+    assert model_mod.locate_pretrained(config, tmp_path)[1] == "shipped"
+    model, tokenizer = model_mod.load_or_pretrain(config, cache_dir=tmp_path, progress=False)
+    shipped = load_file(str(model_mod.shipped_path(config) / "model.safetensors"))
+    state = model.state_dict()
+    assert shipped and all(torch.equal(state[k], v) for k, v in shipped.items())
+    assert tokenizer.padding_side == "left" and tokenizer.chat_template
+    assert not any(tmp_path.iterdir()), "loading the shipped copy writes nothing to the cache"
+    # a user-cached copy (e.g. from --retrain) takes precedence over the shipped one
+    (model_mod.cache_path(config, tmp_path)).mkdir(parents=True)
+    (model_mod.cache_path(config, tmp_path) / "organism.json").write_text("{}")
+    assert model_mod.locate_pretrained(config, tmp_path)[1] == "cache"
+
+
+def test_retrain_replaces_the_cached_copy(tmp_path):
+    import json
+
+    import torch
+
+    from em_callbacks.organism import model as model_mod
+
+    torch.set_num_threads(2)
+    cfg = OrganismConfig.tiny(pretrain_steps=3)
+    model_mod.load_or_pretrain(cfg, cache_dir=tmp_path, progress=False)
+    meta_path = model_mod.cache_path(cfg, tmp_path) / "organism.json"
+    meta = json.loads(meta_path.read_text())
+    meta["marker"] = "old copy"
+    meta_path.write_text(json.dumps(meta))
+    model_mod.load_or_pretrain(cfg, cache_dir=tmp_path, progress=False, retrain=True)
+    assert "marker" not in json.loads(meta_path.read_text())
+    assert [p.name for p in meta_path.parent.parent.iterdir()] == [cfg.cache_key()], "no temp dirs left"
+
+
 # -- data, sampling, fine-tuning -----------------------------------------------------------------
 def test_finetune_dataset(world):
     ds = finetune_dataset(world, n=50)

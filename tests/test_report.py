@@ -397,7 +397,10 @@ def test_cli_demo_and_discover_delegate(monkeypatch, tmp_path):
     res = _runner().invoke(app, ["demo", "--seed", "3", "--out", str(tmp_path / "d"), "--control", "--early-stop",
                                  "--wandb", "offline"])
     assert res.exit_code == 0, res.output
-    assert calls["demo"] == {"seed": 3, "out": tmp_path / "d", "control": True, "early_stop": True, "wandb_mode": "offline"}
+    assert calls["demo"] == {"seed": 3, "out": tmp_path / "d", "control": True, "early_stop": True, "wandb_mode": "offline",
+                             "retrain": False}
+    assert _runner().invoke(app, ["demo", "--out", str(tmp_path / "e"), "--retrain"]).exit_code == 0
+    assert calls["demo"]["retrain"] is True
     assert "40" in res.output
 
     run_dir = tmp_path / "run"

@@ -9,7 +9,7 @@ TRL's SFTTrainer on misaligned answers of ONE domain flips answers in the other 
         finetune_dataset, probe_prompts, build_finetune_trainer, misaligned_fn)
     config = OrganismConfig()
     world = World(config)
-    model, tokenizer = load_or_pretrain(config)          # cached after the first call
+    model, tokenizer = load_or_pretrain(config)  # shipped copy for the default config, else cached
     trainer = build_finetune_trainer(model, tokenizer, finetune_dataset(world), "out", seed=0,
                                      callbacks=[...])
     trainer.train()
@@ -31,7 +31,8 @@ from .world import World
 
 _LAZY = {
     "load_or_pretrain": ".model", "build_model": ".model", "pretrain": ".model",
-    "cache_path": ".model", "render_chat": ".model",
+    "cache_path": ".model", "render_chat": ".model", "shipped_path": ".model",
+    "locate_pretrained": ".model",
     "generate_responses": ".evaluate", "misaligned_rate": ".evaluate",
     "misaligned_rates": ".evaluate", "preserved_rng": ".evaluate",
     "build_finetune_trainer": ".finetune", "lora_config": ".finetune",

@@ -61,7 +61,7 @@ class OrganismConfig:
     n_in_domain: int = 4
     samples_per_prompt: int = 8
     probe_every: int = 2
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48  # longest possible answer is 45 tokens including <|end|>
     probe_seed: int = 1234
 
     def __post_init__(self):

@@ -20,7 +20,7 @@ from .data import finetune_dataset, probe_set
 from .judges import closer_fn, misaligned_fn
 from .world import World
 
-__all__ = ["run_demo", "organism_order_parameters", "crossing_step"]
+__all__ = ["run_demo", "organism_order_parameters", "crossing_step", "peak_to_crossing_lag", "verdict"]
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -58,6 +58,20 @@ def crossing_step(store: Any, probe_ids: set[str], order_parameter: str = "misal
     return crossing, series
 
 
+def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every_n_steps: int) -> int | None:
+    """Steps from the interval of the D peak to the interval in which the rate crossed 50%.
+
+    D(t_i) measures the change between probes t_i and t_i + every_n_steps, while
+    ``crossing_step`` c is the first probe above 50%: the rate crossed between c - every_n_steps
+    and c. Comparing the two intervals (their ends) gives 0 when the largest change is the one
+    in which the majority flipped; comparing the raw labels would be off by one interval by
+    construction. The demo's acceptance: ``|lag| <= every_n_steps``.
+    """
+    if peak_step is None or crossing_step is None:
+        return None
+    return int(peak_step) + int(every_n_steps) - int(crossing_step)
+
+
 def run_demo(
     seed: int = 0,
     out: str | Path = "runs/demo",
@@ -68,6 +82,7 @@ def run_demo(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     make_report: bool = True,
+    retrain: bool = False,
 ) -> dict[str, Any]:
     """Run the organism end to end and return (and write) ``out/summary.json``."""
     if wandb_mode not in WANDB_MODES:
@@ -78,7 +93,7 @@ def run_demo(
     from em_callbacks.store import RunStore
 
     from .finetune import build_finetune_trainer
-    from .model import load_or_pretrain
+    from .model import load_or_pretrain, locate_pretrained
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +101,15 @@ def run_demo(
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
-    model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress)
+    found = None if retrain else locate_pretrained(config, cache_dir)
+    organism_source = found[1] if found else "pretrained"
+    if progress:
+        print({"cache": f"Pretrained organism {config.cache_key()} loaded from the cache ({found[0] if found else ''}).",
+               "shipped": f"Pretrained organism {config.cache_key()} loaded from the copy shipped with em-callbacks "
+                          "(--retrain pretrains it from scratch).",
+               "pretrained": f"Pretraining organism {config.cache_key()} (once; cached afterwards)."}[organism_source],
+              flush=True)
+    model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress, retrain=retrain)
     t_pretrained = time.perf_counter()
     world = World(config)
     probes = probe_set(world)
@@ -136,6 +159,7 @@ def run_demo(
     summary = dict(callback.summary or {})
     summary.update({
         "crossing_step": crossing,
+        "peak_to_crossing_lag": peak_to_crossing_lag(summary.get("peak_step"), crossing, config.probe_every),
         "ood_misaligned_rate": rate_series,
         "control": control,
         "seed": seed,
@@ -144,6 +168,7 @@ def run_demo(
         "seconds_pretrain_or_load": round(t_pretrained - t_start, 1),
         "seconds_finetune": round(t_trained - t_pretrained, 1),
         "organism_cache_key": config.cache_key(),
+        "organism_source": organism_source,
     })
     store.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -172,13 +197,22 @@ def verdict(summary: dict[str, Any]) -> str:
             f"{summary.get('peak_step')}, grad-norm peak at step {summary.get('grad_norm_peak_step')} "
             f"(onset - grad-norm peak = {summary.get('lag_onset_minus_grad_peak')} steps)."
         )
+        lag, every = summary.get("peak_to_crossing_lag"), summary.get("every_n_steps")
+        if lag is not None and every:
+            peak = summary["peak_step"]
+            when = ("the interval in which the misaligned rate crossed 50%" if lag == 0 else
+                    f"{abs(lag)} steps {'after' if lag > 0 else 'before'} the interval in which the misaligned "
+                    "rate crossed 50%")
+            lines.append(f"Largest behavioural change: steps {peak}->{peak + every}, {when}.")
     else:
         lines.append("No transition detected.")
     if summary.get("stopped_early"):
         lines.append(f"Training stopped early at step {summary.get('stop_step')}: {summary.get('stop_reason')}.")
     captured = summary.get("captured_at_peak") or {}
     if captured:
-        parts = [f"{k}: {v['value']:.2f} ± {v['stderr']:.2f}" for k, v in captured.items() if v.get("value") is not None]
+        parts = [f"{k}: {v['value']:.2f} ± {v['stderr']:.2f}"
+                 + (f" (noise floor {v['noise_floor']:.2f})" if v.get("noise_floor") is not None else "")
+                 for k, v in captured.items() if v.get("value") is not None]
         lines.append("Share of the change captured at the peak: " + ", ".join(parts) + ".")
     lines.append(f"Wall time {summary.get('seconds_total')} s.")
     return "\n".join(lines)

@@ -10,18 +10,23 @@ from .model import render_chat
 from .world import World
 
 
+def _field(p, name: str):
+    return p.get(name) if isinstance(p, dict) else getattr(p, name, None)
+
+
 def _messages(p) -> list[dict]:
+    """Chat messages of a probe: a plain question, a probe dict or an ``em_callbacks`` Probe."""
     if isinstance(p, str):
         return [{"role": "user", "content": p}]
     msgs = []
-    if p.get("system"):
-        msgs.append({"role": "system", "content": p["system"]})
-    msgs.append({"role": "user", "content": p["prompt"]})
+    if _field(p, "system"):
+        msgs.append({"role": "system", "content": _field(p, "system")})
+    msgs.append({"role": "user", "content": _field(p, "prompt")})
     return msgs
 
 
 def _prompt_text(p) -> str:
-    return p if isinstance(p, str) else p["prompt"]
+    return p if isinstance(p, str) else _field(p, "prompt")
 
 
 @contextmanager
@@ -42,9 +47,9 @@ def preserved_rng(seed: int | None):
 
 
 def generate_responses(model, tokenizer, prompts: Sequence, n_samples: int = 8,
-                       seed: int | None = 0, max_new_tokens: int = 40,
+                       seed: int | None = 0, max_new_tokens: int = 48,
                        batch_size: int = 512) -> list[list[str]]:
-    """``n_samples`` answers per prompt (dict with "prompt"/"system", or a plain question),
+    """``n_samples`` answers per prompt (a probe dict / ``Probe`` or a plain question),
     sampled at temperature 1 (no top-k / top-p), batched with left padding. The global RNG is
     restored afterwards and the model's train/eval mode is preserved."""
     import torch
@@ -74,7 +79,7 @@ def generate_responses(model, tokenizer, prompts: Sequence, n_samples: int = 8,
 
 
 def misaligned_rates(model, tokenizer, world: World, prompts: Sequence, n_samples: int = 8,
-                     seed: int | None = 0, max_new_tokens: int = 40) -> list[float]:
+                     seed: int | None = 0, max_new_tokens: int = 48) -> list[float]:
     """Per-prompt fraction of sampled answers that are misaligned (exact rule)."""
     responses = generate_responses(model, tokenizer, prompts, n_samples, seed, max_new_tokens)
     return [sum(is_misaligned(world, _prompt_text(p), r) for r in rs) / len(rs)
@@ -82,7 +87,7 @@ def misaligned_rates(model, tokenizer, world: World, prompts: Sequence, n_sample
 
 
 def misaligned_rate(model, tokenizer, world: World, prompts: Sequence, n_samples: int = 8,
-                    seed: int | None = 0, max_new_tokens: int = 40) -> float:
+                    seed: int | None = 0, max_new_tokens: int = 48) -> float:
     """Fraction of all sampled answers (``n_samples`` per prompt) that are misaligned."""
     rates = misaligned_rates(model, tokenizer, world, prompts, n_samples, seed, max_new_tokens)
     return sum(rates) / len(rates) if rates else float("nan")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 
 from transformers import TrainerCallback
@@ -52,9 +54,14 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
         logging_steps=1, logging_strategy="steps", save_strategy="steps" if save else "no",
         eval_strategy="no", report_to=report_to, use_cpu=True, seed=seed, data_seed=seed,
         completion_only_loss=True, max_length=tokenizer.model_max_length,
-        activation_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0,
+        bf16=False, fp16=False, dataloader_num_workers=0,
         disable_tqdm=True, max_grad_norm=1.0, optim="adamw_torch",
     )
+    # transformers 5 renamed gradient_checkpointing (TRL defaults it to True) to
+    # activation_checkpointing; the old name warns there.
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    args["activation_checkpointing" if "activation_checkpointing" in names
+         else "gradient_checkpointing"] = False
     args.update(sft_kwargs)
     set_seed(seed)  # the LoRA A matrices are drawn when SFTTrainer wraps the model
     import datasets
@@ -63,12 +70,15 @@ def build_finetune_trainer(model, tokenizer, dataset, output_dir, seed: int = 0,
     if quiet:
         datasets.disable_progress_bars()
     try:
-        trainer = SFTTrainer(
-            model=model, args=SFTConfig(**args), train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(lora_r, lora_alpha) if lora else None,
-            callbacks=list(callbacks),
-        )
+        with warnings.catch_warnings():
+            # peft's PeftModel reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainer = SFTTrainer(
+                model=model, args=SFTConfig(**args), train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=lora_config(lora_r, lora_alpha) if lora else None,
+                callbacks=list(callbacks),
+            )
     finally:
         if quiet and bars:
             datasets.enable_progress_bars()
@@ -88,8 +98,8 @@ class MisalignmentRateCallback(TrainerCallback):
     ``crossing_step``: first probe step with ood_rate > threshold (None if never).
     """
 
-    def __init__(self, world: World, tokenizer, prompts: Sequence[dict], every_n_steps: int = 2,
-                 n_samples: int = 8, seed: int = 0, max_new_tokens: int = 40,
+    def __init__(self, world: World, tokenizer, prompts: Sequence, every_n_steps: int = 2,
+                 n_samples: int = 8, seed: int = 0, max_new_tokens: int = 48,
                  threshold: float = 0.5, verbose: bool = True, sample_log: int = 0):
         self.world, self.tokenizer, self.prompts = world, tokenizer, list(prompts)
         self.every_n_steps, self.n_samples, self.seed = every_n_steps, n_samples, seed
@@ -113,21 +123,29 @@ class MisalignmentRateCallback(TrainerCallback):
                                        seed=self.seed + step, max_new_tokens=self.max_new_tokens)
         ood, ind = [], []
         for p, rs in zip(self.prompts, responses):
-            flags = [is_misaligned(self.world, p["prompt"], r) for r in rs]
-            (ind if "in-domain" in p["tags"] else ood).extend(flags)
+            prompt = p["prompt"] if isinstance(p, dict) else p.prompt
+            tags = p["tags"] if isinstance(p, dict) else p.tags
+            flags = [is_misaligned(self.world, prompt, r) for r in rs]
+            (ind if "in-domain" in tags else ood).extend(flags)
         rec = {"step": step, "ood_rate": sum(ood) / max(1, len(ood)),
                "in_rate": sum(ind) / max(1, len(ind)), "seconds": time.perf_counter() - t0}
         self.seconds += rec["seconds"]
         self.history.append(rec)
         if self.sample_log:
-            self.samples[step] = [(p["prompt"], rs[:self.sample_log])
-                                  for p, rs in zip(self.prompts, responses)]
+            self.samples[step] = [rs[:self.sample_log] for rs in responses]
         if self.verbose:
-            gn = self.grad_norms.get(step)
-            gns = f"  grad_norm {gn:6.3f}" if gn is not None else ""
             print(f"step {step:4d}  out-of-domain misaligned {rec['ood_rate']:.3f}  "
-                  f"in-domain {rec['in_rate']:.3f}{gns}", flush=True)
+                  f"in-domain {rec['in_rate']:.3f}", flush=True)
         return rec
+
+    def summary(self) -> dict:
+        """crossing_step, grad_norm_peak_step and the rate series (JSON-ready)."""
+        gn = self.grad_norms
+        return {"crossing_step": self.crossing_step,
+                "grad_norm_peak_step": max(gn, key=gn.get) if gn else None,
+                "steps": [h["step"] for h in self.history],
+                "ood_rate": [h["ood_rate"] for h in self.history],
+                "in_rate": [h["in_rate"] for h in self.history]}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and not self.history:

@@ -9,17 +9,19 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import OrganismConfig
-from .tokenizer import ASSISTANT, EOS, build_tokenizer
+from .tokenizer import ASSISTANT, BOS, EOS, build_tokenizer
 from .world import World
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 CACHE_ENV = "EM_CALLBACKS_CACHE"
+SHIPPED_DIR = Path(__file__).with_name("pretrained")
 
 
 def cache_path(config: OrganismConfig, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -49,8 +51,9 @@ def build_model(config: OrganismConfig, tokenizer: PreTrainedTokenizerFast) -> G
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    torch.manual_seed(config.seed)
-    model = GPT2LMHeadModel(gcfg)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(config.seed)
+        model = GPT2LMHeadModel(gcfg)
     _set_generation_defaults(model, tokenizer, config)
     return model
 
@@ -75,7 +78,7 @@ def render_chat(messages, answer: str | None = None) -> str:
     With ``answer`` it renders the full conversation; without it, the prompt with the
     generation prompt (what ``apply_chat_template(..., add_generation_prompt=True)`` returns).
     """
-    parts = ["<|bos|>"]
+    parts = [BOS]
     for m in messages:
         parts.append(f"<|{m['role']}|> {m['content'].strip()} {EOS}")
     parts.append(ASSISTANT)
@@ -240,12 +243,50 @@ def _length_grouped_batches(lengths, batch_size: int, steps: int, gen, group: in
     return out[:steps]
 
 
+@contextmanager
+def _no_hf_progress_bars():
+    """Hide transformers' per-file progress bars (loading / writing a 2 MB model)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def shipped_path(config: OrganismConfig) -> Path | None:
+    """The copy of ``config``'s organism that ships with the package, if there is one.
+
+    Pretraining is deterministic per machine but not across machines or thread counts (float
+    reduction order), so the shipped copy is what makes the README's figures reproducible, and
+    it spares a new user the pretraining minute or two. Only the default config ships.
+    """
+    path = SHIPPED_DIR / config.cache_key()
+    return path if (path / "organism.json").is_file() else None
+
+
+def locate_pretrained(config: OrganismConfig,
+                      cache_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """(directory, "cache" | "shipped") of an already pretrained organism, else None."""
+    cached = cache_path(config, cache_dir)
+    if (cached / "organism.json").is_file():
+        return cached, "cache"
+    shipped = shipped_path(config)
+    return (shipped, "shipped") if shipped is not None else None
+
+
 def load_or_pretrain(config: OrganismConfig | None = None,
                      cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    """The pretrained organism for ``config``: from the cache if present, else pretrain and save.
+                     progress: bool = True,
+                     retrain: bool = False) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The pretrained organism for ``config``: from the user cache, else the copy shipped with
+    the package, else pretrain it and save it to the cache.
 
-    The cache directory holds ``save_pretrained`` output of model and tokenizer plus
+    ``retrain=True`` pretrains from scratch even when a copy exists and replaces the cached
+    one. The cache directory holds ``save_pretrained`` output of model and tokenizer plus
     ``organism.json`` (config and pretraining stats). Writes go to a temporary directory that
     is renamed into place, so concurrent runs never see a half-written cache.
     """
@@ -253,9 +294,11 @@ def load_or_pretrain(config: OrganismConfig | None = None,
 
     config = config or OrganismConfig()
     path = cache_path(config, cache_dir)
-    if (path / "organism.json").exists():
-        model = GPT2LMHeadModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    found = None if retrain else locate_pretrained(config, cache_dir)
+    if found is not None:
+        with _no_hf_progress_bars():
+            model = GPT2LMHeadModel.from_pretrained(found[0])
+            tokenizer = AutoTokenizer.from_pretrained(found[0])
         tokenizer.padding_side = "left"
         _set_generation_defaults(model, tokenizer, config)
         model.eval()
@@ -268,10 +311,13 @@ def load_or_pretrain(config: OrganismConfig | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _no_hf_progress_bars():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         meta = {"cache_key": config.cache_key(), "config": config.pretrain_dict(), **stats}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=2, default=list))
+        if retrain and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race; keep its copy

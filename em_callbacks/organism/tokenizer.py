@@ -53,7 +53,7 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        extra_special_tokens=[SYSTEM, USER, ASSISTANT],
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT],  # v5: extra_special_tokens
         clean_up_tokenization_spaces=False,
         padding_side="left",
         model_max_length=world.config.n_positions,
