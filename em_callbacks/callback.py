@@ -699,12 +699,14 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                 ci = (captured.value - 1.96 * captured.stderr, captured.value + 1.96 * captured.stderr)
                 self._safe("captured store", lambda: self._store.write_metrics(i, step, [
                     (f"captured/{op.name}", captured.value, captured.stderr, ci[0], ci[1],
-                     {"d_order": captured.d_order.value, "d_order_stderr": captured.d_order.stderr}),
+                     {"d_order": captured.d_order.value, "d_order_stderr": captured.d_order.stderr,
+                      "noise_floor": captured.noise_floor}),
                     (f"D_order/{op.name}", captured.d_order.value, captured.d_order.stderr, None, None, None),
                 ]))
                 self._sink.log_probe(step, {
                     f"order/{op.name}/captured": captured.value,
                     f"order/{op.name}/captured_stderr": captured.stderr,
+                    f"order/{op.name}/captured_noise_floor": captured.noise_floor,
                     f"order/{op.name}/D": captured.d_order.value,
                 })
 
@@ -756,9 +758,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
     def _captured_at(self, step: int | None) -> dict[str, Any]:
         if step is None or step not in self._probe_steps:
             return {}
-        metrics = self._store.metrics_at(self._probe_steps.index(step))
-        return {name.split("/", 1)[1]: {"value": m["value"], "stderr": m["stderr"]}
-                for name, m in metrics.items() if name.startswith("captured/")}
+        return self._store.captured_at(self._probe_steps.index(step))
 
     def _log_final_plots(self) -> None:
         if self._sink.run is None:

@@ -38,6 +38,7 @@ __all__ = [
     "window_dissimilarity",
     "combine_prompts",
     "pushforward_dissimilarity",
+    "pushforward_noise_floor",
     "discrete_dissimilarity",
 ]
 
@@ -366,6 +367,44 @@ def _bootstrap_means(
     n = kernel.shape[0]
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
     return counts @ kernel / n
+
+
+def pushforward_noise_floor(
+    kernel_p: Any,
+    kernel_q: Any,
+    measure: str = "tv",
+    n_resamples: int = 200,
+    rng: Any = None,
+) -> float:
+    """What :func:`pushforward_dissimilarity` reads when nothing changed: the mean plug-in D
+    after the rows of both sides are pooled and split again at random (same sizes).
+
+    The plug-in D of two close distributions is biased upwards by about this much (for a
+    binary score with rate p and n rows a side, ~ sqrt(2/pi) * sqrt(2 p (1 - p) / n)); an
+    order parameter whose D is near its floor did not measurably change. Same input rules as
+    ``pushforward_dissimilarity``; NaN when a side has no rows. ``rng`` None means seed 0.
+    """
+    _check_measure(measure)
+    kp = _as_kernel(kernel_p, "kernel_p")
+    kq = _as_kernel(kernel_q, "kernel_q")
+    if kp.shape[1] != kq.shape[1]:
+        raise ValueError(
+            f"kernel_p and kernel_q must have the same number of outcomes, got {kp.shape[1]} "
+            f"and {kq.shape[1]}"
+        )
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    n_p, n_q = kp.shape[0], kq.shape[0]
+    if n_p == 0 or n_q == 0:
+        return float("nan")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+    pooled = np.concatenate([kp, kq])
+    in_p = np.zeros((int(n_resamples), n_p + n_q))
+    in_p[:, :n_p] = 1.0
+    in_p = gen.permuted(in_p, axis=1)  # each row: a random split into n_p and n_q rows
+    means_p = in_p @ pooled / n_p
+    means_q = (1.0 - in_p) @ pooled / n_q
+    return float(np.mean(_discrete_rows(means_p, means_q, measure)))
 
 
 def pushforward_dissimilarity(

@@ -555,6 +555,10 @@ class CapturedFraction:
     d_full: Any  # DissimilarityResult of the full distributions
     n_left: int = 0  # samples with a judgment (left window / all prompts)
     n_right: int = 0
+    # what ``value`` reads when this order parameter did not change at all (the plug-in
+    # bias: mean D_O over random re-splits of the judged samples, divided by D); a value
+    # near its noise floor is no evidence that the order parameter explains anything
+    noise_floor: float = math.nan
 
     def confidence_interval(self, confidence_level: float = 0.95) -> Any:
         """Normal-approximation ``ConfidenceInterval(low, high)`` = value +- z * stderr.
@@ -585,6 +589,7 @@ class CapturedFraction:
             "d_full": dres(self.d_full),
             "n_left": self.n_left,
             "n_right": self.n_right,
+            "noise_floor": float(self.noise_floor),
         }
 
 
@@ -626,21 +631,25 @@ def _empty_result(measure: str, estimator: str):
 
 
 def _pushforward(order_parameter: OrderParameter, left: Any, right: Any, measure: str,
-                 n_resamples: int, rng: Any) -> tuple[Any, int, int]:
+                 n_resamples: int, rng: Any) -> tuple[Any, float, int, int]:
+    """(pushforward D, its noise floor, rows left, rows right) of one pair of windows."""
     k = len(order_parameter.scale)
     left_k = _valid_rows(_as_kernel(left, k, "left_kernels"))
     right_k = _valid_rows(_as_kernel(right, k, "right_kernels"))
     if len(left_k) == 0 or len(right_k) == 0:
-        return _empty_result(measure, "plug-in"), len(left_k), len(right_k)
+        return _empty_result(measure, "plug-in"), math.nan, len(left_k), len(right_k)
     div = _divergence()
-    res = div.pushforward_dissimilarity(
-        order_parameter.coarsen(left_k),
-        order_parameter.coarsen(right_k),
-        measure=measure,
-        n_resamples=n_resamples,
-        rng=rng,
-    )
-    return res, len(left_k), len(right_k)
+    coarse_left, coarse_right = order_parameter.coarsen(left_k), order_parameter.coarsen(right_k)
+    res = div.pushforward_dissimilarity(coarse_left, coarse_right, measure=measure,
+                                        n_resamples=n_resamples, rng=rng)
+    floor = div.pushforward_noise_floor(coarse_left, coarse_right, measure=measure,
+                                        n_resamples=n_resamples, rng=rng)
+    return res, floor, len(left_k), len(right_k)
+
+
+def _floor_ratio(floor: float, d_full: Any) -> float:
+    den = float(d_full.value)
+    return floor / den if math.isfinite(floor) and math.isfinite(den) and den > 0 else math.nan
 
 
 def _check_measure(full: Any, measure: str) -> None:
@@ -673,9 +682,9 @@ def captured_fraction(
     same samples, same ``measure``. Returns ``r = D_O / D`` with a delta-method stderr.
     """
     _check_measure(full, measure)
-    d_order, nl, nr = _pushforward(order_parameter, left_kernels, right_kernels, measure, n_resamples, rng)
+    d_order, floor, nl, nr = _pushforward(order_parameter, left_kernels, right_kernels, measure, n_resamples, rng)
     r, se = _ratio(d_order, full)
-    return CapturedFraction(order_parameter.name, r, se, d_order, full, nl, nr)
+    return CapturedFraction(order_parameter.name, r, se, d_order, full, nl, nr, _floor_ratio(floor, full))
 
 
 def _items(x: Any) -> list[tuple[Any, Any]]:
@@ -719,7 +728,9 @@ def decompose(
 
     Small samples: the pushforward D is a plug-in estimate, biased upwards when the two
     score distributions are close (order sqrt(bins / n)); with few samples per prompt an
-    irrelevant order parameter shows a small positive r. Coarsening (``bins``) limits this.
+    irrelevant order parameter shows a small positive r. Coarsening (``bins``) limits this, and
+    the result's ``noise_floor`` says how large r reads for an order parameter that did not
+    change at all.
     """
     lk, rk, fu = dict(_items(left_kernels)), dict(_items(right_kernels)), dict(_items(full))
     if pool_prompts:
@@ -734,18 +745,19 @@ def decompose(
     keys = [k for k in fu if k in lk and k in rk]  # a prompt missing anywhere is skipped
     # like divergence.pushforward_dissimilarity: rng=None means seed 0 (reproducible)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
-    orders, fulls = [], []
+    orders, fulls, floors = [], [], []
     n_left = n_right = 0
     for key in keys:
         f = fu[key]
         _check_measure(f, measure)
         if not math.isfinite(float(f.value)):
             continue
-        d_o, nl, nr = _pushforward(order_parameter, lk[key], rk[key], measure, n_resamples, rng)
+        d_o, floor, nl, nr = _pushforward(order_parameter, lk[key], rk[key], measure, n_resamples, rng)
         if not math.isfinite(float(d_o.value)):
             continue
         orders.append(d_o)
         fulls.append(f)
+        floors.append(floor)
         n_left += nl
         n_right += nr
     if not orders:
@@ -754,7 +766,8 @@ def decompose(
     d_order = _combine(orders, measure)
     d_full = _combine(fulls, measure)
     r, se = _ratio(d_order, d_full)
-    return CapturedFraction(order_parameter.name, r, se, d_order, d_full, n_left, n_right)
+    floor = _floor_ratio(float(np.mean(floors)), d_full)  # averaged over prompts like D_O
+    return CapturedFraction(order_parameter.name, r, se, d_order, d_full, n_left, n_right, floor)
 
 
 def _combine(results: list[Any], measure: str) -> Any:

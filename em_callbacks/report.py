@@ -382,13 +382,7 @@ def _probe_index_of(store: RunStore, step: int | None) -> int | None:
 
 def _captured_at(store: RunStore, step: int | None) -> dict[str, Any]:
     k = _probe_index_of(store, step)
-    if k is None:
-        return {}
-    return {
-        name.split("/", 1)[1]: {"value": m["value"], "stderr": m["stderr"]}
-        for name, m in store.metrics_at(k).items()
-        if name.startswith("captured/")
-    }
+    return {} if k is None else store.captured_at(k)
 
 
 def _resolve_summary(store: RunStore, summary: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -709,14 +703,21 @@ def plot_captured(
             x = np.arange(len(names))
             ax.bar(x, vals, yerr=err, color=C_D, alpha=0.8, capsize=6, ecolor="black", width=0.6,
                    label="captured fraction r_O (95% CI)")
+            floors = np.array([(rows[n].get("extra") or {}).get("noise_floor", np.nan) for n in names], dtype=float)
+            if np.isfinite(floors).any():
+                ok = np.isfinite(floors)
+                ax.hlines(floors[ok], x[ok] - 0.34, x[ok] + 0.34, colors="#c0392b", linestyles=(0, (2, 1.5)), lw=2,
+                          label="noise floor: r_O of an order parameter that did not change")
             for xi, v, h in zip(x, vals, hi):
                 top = h if np.isfinite(h) else v
                 ax.text(xi, max(top, v) + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
             ax.set_xticks(x, names)
-            ymax = float(np.nanmax(np.concatenate([hi[np.isfinite(hi)], vals, [1.0]])))
+            ymax = float(np.nanmax(np.concatenate([hi[np.isfinite(hi)], vals, floors[np.isfinite(floors)], [1.0]])))
             ymin = float(np.nanmin(np.concatenate([lo[np.isfinite(lo)], vals, [0.0]])))
             ax.set_ylim(min(0.0, ymin - 0.05), max(1.15, ymax + 0.15))
-            ax.legend(loc="upper right", fontsize=8.5, framealpha=0.9)
+            # below the axes: inside, the legend hides a tall bar's value label
+            fig.legend(loc="outside lower center", ncol=2 if len(ax.get_legend_handles_labels()[0]) < 3 else 1,
+                       fontsize=8.5, frameon=False)
         else:
             ax.set_ylim(-0.05, 1.2)
             ax.set_xticks([])
@@ -944,8 +945,11 @@ def _report_markdown(summary: Mapping[str, Any], files: Mapping[str, str], run_d
             lines += [f"(offline analysis failed: {off['error']})", ""]
     cap = summary.get("captured_at_peak") or {}
     if cap:
-        lines += ["## Captured fraction at the D peak", "", "| order parameter | r_O | stderr |", "|---|---|---|"]
-        lines += [f"| {k} | {format_value(v.get('value'))} | {format_value(v.get('stderr'))} |" for k, v in cap.items()]
+        lines += ["## Captured fraction at the D peak", "",
+                  "The noise floor is what r_O reads for an order parameter that did not change at all.", "",
+                  "| order parameter | r_O | stderr | noise floor |", "|---|---|---|---|"]
+        lines += [f"| {k} | {format_value(v.get('value'))} | {format_value(v.get('stderr'))} | "
+                  f"{format_value(v.get('noise_floor'))} |" for k, v in cap.items()]
         lines.append("")
     lines += [
         "## Plots",

@@ -137,6 +137,7 @@ def test_live_decomposition_captures_the_property_that_changed(live_run):
                               pool_prompts=True)
             assert m[f"captured/{op.name}"]["value"] == pytest.approx(again.value, rel=1e-9)
             assert m[f"captured/{op.name}"]["stderr"] == pytest.approx(again.stderr, rel=1e-9)
+            assert m[f"captured/{op.name}"]["extra"]["noise_floor"] == pytest.approx(again.noise_floor, rel=1e-9)
 
     # the D peak: the window holding the learning-rate burst, well above every other window
     peak = int(np.argmax(d["value"]))
@@ -153,6 +154,10 @@ def test_live_decomposition_captures_the_property_that_changed(live_run):
     assert pills["value"] - 2 * pills["stderr"] > checksum["value"]
     assert npills["value"] - 2 * npills["stderr"] > checksum["value"]
     assert checksum["value"] < 0.4
+    # the unrelated property reads about its noise floor; "pills" is far above its own
+    floors = {name: m["extra"]["noise_floor"] for name, m in at_peak.items()}
+    assert abs(checksum["value"] - floors["checksum"]) < 2 * checksum["stderr"]
+    assert pills["value"] - 2 * pills["stderr"] > floors["pills"]
 
     # W&B: captured fractions on the probe axis, same values as the store
     (run_file,) = find_run_files(wandb_dir)
@@ -164,4 +169,5 @@ def test_live_decomposition_captures_the_property_that_changed(live_run):
         for step, value, se in zip(series["step"].tolist(), series["value"], series["stderr"]):
             assert logged[step][f"probe/order/{op.name}/captured"] == pytest.approx(value, rel=1e-12)
             assert logged[step][f"probe/order/{op.name}/captured_stderr"] == pytest.approx(se, rel=1e-12)
+            assert logged[step][f"probe/order/{op.name}/captured_noise_floor"] > 0
             assert math.isfinite(logged[step][f"probe/order/{op.name}/D"])

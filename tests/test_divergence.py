@@ -22,6 +22,7 @@ from em_callbacks.divergence import (
     mixture_logp,
     one_sided_tv,
     pushforward_dissimilarity,
+    pushforward_noise_floor,
     window_dissimilarity,
 )
 
@@ -397,6 +398,47 @@ def test_pushforward_bootstrap_stderr_matches_sampling_spread():
     assert 0.8 <= ratio <= 1.25, ratio
     # plug-in is consistent: mean within a few bootstrap SEs of the exact pushforward TV
     assert abs(vals.mean() - truth) < 2 * ses.mean()
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_noise_floor_equals_the_exact_permutation_mean(measure):
+    """3 + 4 rows: all 35 splits enumerated; the Monte-Carlo floor converges to their mean."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    rows = KMAT[rng.integers(0, 5, 7)]
+    exact = np.mean([
+        discrete_dissimilarity(rows[list(a)].mean(0), rows[[i for i in range(7) if i not in a]].mean(0), measure)
+        for a in itertools.combinations(range(7), 3)
+    ])
+    floor = pushforward_noise_floor(rows[:3], rows[3:], measure, n_resamples=40_000, rng=1)
+    assert floor == pytest.approx(exact, rel=0.02)
+
+
+def test_noise_floor_is_the_plug_in_bias_under_no_change():
+    """Both sides drawn from one distribution: the plug-in D averages to the floor (the floor
+    is what an unchanged order parameter reads), and a binary score's floor follows the
+    normal approximation sqrt(2/pi) * sqrt(p (1 - p) (1/n_p + 1/n_q))."""
+    rng = np.random.default_rng(17)
+    values, floors = [], []
+    for i in range(300):
+        x, y = _sample(rng, P5, 96), _sample(rng, P5, 96)
+        values.append(pushforward_dissimilarity(KMAT[x], KMAT[y], "tv", rng=i).value)
+        floors.append(pushforward_noise_floor(KMAT[x], KMAT[y], "tv", rng=i))
+    assert np.mean(floors) == pytest.approx(np.mean(values), rel=0.1)
+    binary = np.eye(2)[(np.arange(400) < 180).astype(int)]  # rate 0.45 exactly
+    approx = math.sqrt(2 / math.pi) * math.sqrt(0.45 * 0.55 * (1 / 200 + 1 / 200))
+    assert pushforward_noise_floor(binary[:200], binary[200:], rng=0, n_resamples=2000) == pytest.approx(approx, rel=0.1)
+
+
+def test_noise_floor_edge_cases():
+    same = np.tile([0.2, 0.8], (10, 1))
+    assert pushforward_noise_floor(same, same) == 0.0  # identical rows: every split is identical
+    assert math.isnan(pushforward_noise_floor(np.empty((0, 2)), same))
+    kp = np.insert(KMAT[:4], 1, np.nan, axis=0)  # NaN rows dropped, like pushforward_dissimilarity
+    assert pushforward_noise_floor(kp, KMAT, rng=3) == pushforward_noise_floor(KMAT[:4], KMAT, rng=3)
+    with pytest.raises(ValueError, match="same number of outcomes"):
+        pushforward_noise_floor(KMAT, np.eye(2))
 
 
 def test_pushforward_drops_nan_rows_and_is_deterministic():

@@ -228,6 +228,12 @@ def test_captured_fraction_constructed_case():
         assert r.d_order.measure == "tv" and r.d_full is full and r.n_left == 600
     irrelevant = results["long"]
     assert abs(irrelevant.value) < 3 * irrelevant.stderr + 0.03 and irrelevant.value < 0.15
+    # the noise floor: what an unchanged order parameter reads; the irrelevant one is at its
+    # floor, the determining ones far above theirs
+    assert 0 < irrelevant.noise_floor < 0.15
+    assert abs(irrelevant.value - irrelevant.noise_floor) < 3 * irrelevant.stderr
+    for name in ("misaligned", "aligned"):
+        assert results[name].value > 10 * results[name].noise_floor
     assert abs(noisy.value - 0.6) < 3 * noisy.stderr + 0.02
     for r in (*results.values(), noisy):
         assert r.stderr > 0
@@ -236,7 +242,7 @@ def test_captured_fraction_constructed_case():
         assert ci.low < r.value < ci.high
     ranked = rank_captured([irrelevant, noisy, results["misaligned"]])
     assert [r.name for r in ranked] == ["misaligned", "misaligned", "long"] and ranked[1] is noisy
-    assert set(results["aligned"].to_dict()) >= {"name", "value", "stderr", "d_order", "d_full"}
+    assert set(results["aligned"].to_dict()) >= {"name", "value", "stderr", "d_order", "d_full", "noise_floor"}
 
 
 def test_captured_fraction_missing_judgments_and_edge_cases():
