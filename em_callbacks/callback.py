@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import time
 import warnings
 import weakref
@@ -267,6 +268,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._summary: dict[str, Any] | None = None
         self._adapter = AdapterTrajectory()  # LoRA B norm / local cosine (rank 0)
         self._adapter_metrics: dict[int, dict[str, float]] = {}
+        self._latest: dict[str, tuple[int, float]] = {}
 
     def state(self) -> dict:
         """ExportableState: the live instance is found again by key; full state goes to files."""
@@ -285,6 +287,19 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
     def summary(self) -> dict[str, Any] | None:
         return self._summary
 
+    @property
+    def latest_metrics(self) -> dict[str, tuple[int, float]]:
+        """{metric: (probe step, value)}: the newest value of every probe metric, keyed as
+        logged to W&B under ``probe/`` (``D/tv``, ``order/<name>/flagged_rate``, ...). For
+        progress displays and custom printing; empty before the first probe."""
+        return dict(self._latest)
+
+    def _log_probe(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if isinstance(value, numbers.Real) and (key not in self._latest or self._latest[key][0] <= step):
+                self._latest[key] = (int(step), float(value))
+        self._sink.log_probe(step, values)
+
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, processing_class=None, **kwargs):
         self._validate_tokenizer(self.tokenizer or processing_class)
@@ -294,6 +309,8 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             # The same object reused for another train(): start from a clean slate.
             self._reset_run_state()
             self.detector.reset()
+            if self.stop_rule is not None and hasattr(self.stop_rule, "reset"):
+                self.stop_rule.reset()
         tokenizer = self.tokenizer or processing_class
         pad_id, eos_id = self._validate_tokenizer(tokenizer)
         self._tok, self._pad_id, self._eos_id = tokenizer, pad_id, eos_id
@@ -534,9 +551,9 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
         self._store.write_probe(
             k, step, self._probe_seed(k), self._mode, records, logp_rows, metrics, seconds=seconds,
         )
-        self._sink.log_probe(step, {k2: v for k2, v in logged.items() if not k2.startswith("D/")})
+        self._log_probe(step, {k2: v for k2, v in logged.items() if not k2.startswith("D/")})
         if i >= 0 and any(k2.startswith("D/") for k2 in logged):
-            self._sink.log_probe(self._probe_steps[i], {k2: v for k2, v in logged.items() if k2.startswith("D/")})
+            self._log_probe(self._probe_steps[i], {k2: v for k2, v in logged.items() if k2.startswith("D/")})
         if self.log_samples_table:
             self._sink.log_table(
                 "samples",
@@ -666,7 +683,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             series.sort()
         metrics = [(key, v, None, None, None, None) for key, v in values.items()]
         self._safe("order metrics", lambda: self._store.write_metrics(k, step, metrics))
-        self._sink.log_probe(step, values)
+        self._log_probe(step, values)
         if progress.failed:
             self._record_fault("missing_judgments", step, order_parameter=name, count=progress.failed)
 
@@ -703,7 +720,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
                       "noise_floor": captured.noise_floor}),
                     (f"D_order/{op.name}", captured.d_order.value, captured.d_order.stderr, None, None, None),
                 ]))
-                self._sink.log_probe(step, {
+                self._log_probe(step, {
                     f"order/{op.name}/captured": captured.value,
                     f"order/{op.name}/captured_stderr": captured.stderr,
                     f"order/{op.name}/captured_noise_floor": captured.noise_floor,

@@ -498,7 +498,11 @@ class StopRule:
     """Decides whether to stop training. Called by the callback after each probe (calling it
     more often is harmless: rules count probes through ``state.n_seen`` or the order series,
     not calls). Returns a human-readable reason, or None. Once a rule has fired it keeps
-    returning its reason."""
+    returning its reason, until :meth:`reset` (the callback resets its rule when it is reused
+    for another ``train()``)."""
+
+    def reset(self) -> None:
+        """Forget everything seen so far (stateless rules: nothing to do)."""
 
     def should_stop(
         self, state: DetectionState, order_series: OrderSeries, step: int
@@ -525,6 +529,9 @@ class StopOnOnset(StopRule):
         if int(patience) < 0:
             raise ValueError(f"patience must be >= 0, got {patience!r}")
         self.patience = int(patience)
+        self.reset()
+
+    def reset(self) -> None:
         self._anchor_n: int | None = None
         self._fired: str | None = None
 
@@ -572,6 +579,9 @@ class StopOnOrderParameter(StopRule):
         self.threshold = float(threshold)
         self.direction = direction
         self.patience = int(patience)
+        self.reset()
+
+    def reset(self) -> None:
         self._fired: str | None = None
 
     def _beyond(self, x: float) -> bool:
@@ -615,6 +625,10 @@ class AnyOf(StopRule):
             if not isinstance(r, StopRule):
                 raise TypeError(f"AnyOf expects StopRule objects, got {type(r).__name__}")
         self.rules = rules
+
+    def reset(self) -> None:
+        for rule in self.rules:
+            rule.reset()
 
     def should_stop(self, state: DetectionState, order_series: OrderSeries, step: int) -> str | None:
         reasons = [r.should_stop(state, order_series, step) for r in self.rules]

@@ -15,6 +15,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from em_callbacks.callback import CallbackConfigError, PhaseTransitionCallback
+from em_callbacks.detect import StopOnOnset
 from em_callbacks.divergence import combine_prompts, dissimilarity, one_sided_tv
 from em_callbacks.sampling import encode_prompts, sequence_logprobs
 from em_callbacks.store import RunStore
@@ -380,4 +381,30 @@ def test_callback_reused_for_a_second_training_run_probes_again(tmp_path):
     assert [p["step"] for p in store.probes()] == [0, 2, 4]
     assert store.samples(1) != first_samples  # rewritten by the second run (other model)
     assert store.metric_series("D/tv")["step"].tolist() == [0, 2]
+    # latest_metrics: the newest D (labelled by the start of its window) and sample stats
+    latest = cb.latest_metrics
+    assert latest["D/tv"] == (2, pytest.approx(store.metric_series("D/tv")["value"][-1]))
+    assert all(step <= 4 for step, _ in latest.values())
     store.close()
+
+
+class _CountingStopRule(StopOnOnset):
+    """A user's stop rule: counts how often the callback resets it."""
+
+    resets = 0
+
+    def reset(self):
+        type(self).resets += 1
+        super().reset()
+
+
+def test_reused_callback_resets_its_stop_rule(tmp_path):
+    tok = tiny_tokenizer()
+    rule = _CountingStopRule()
+    cb = _callback(tmp_path, every=2, early_stopping=rule)
+    _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=2).train()
+    rule._fired = "as if the first run had detected a transition"
+    before = _CountingStopRule.resets
+    _plain_trainer(tmp_path, tok, tiny_model(tok, seed=5), [cb], max_steps=4).train()
+    assert _CountingStopRule.resets == before + 1
+    assert cb.summary["stopped_early"] is False and cb.summary["final_step"] == 4

@@ -438,6 +438,15 @@ def test_stop_on_order_parameter_direction_patience_nan_and_late_results():
         StopOnOrderParameter("x", 0.5, patience=0)
 
 
+def test_stop_rules_reset_forgets_a_fired_stop():
+    onset, order = StopOnOnset(), StopOnOrderParameter("verbose", threshold=0.8)
+    rule = AnyOf([onset, order])
+    assert rule.should_stop(_st(6, onset=125), {"verbose": [(150, 0.9)]}, 150)
+    rule.reset()
+    assert onset.should_stop(_st(1), {}, 0) is None and order.should_stop(_st(1), {}, 0) is None
+    assert rule.state_dict() == AnyOf([StopOnOnset(), StopOnOrderParameter("verbose", threshold=0.8)]).state_dict()
+
+
 def test_any_of_and_state_dict():
     a = StopOnOnset(patience=1)
     b = StopOnOrderParameter("verbose", threshold=0.8, patience=1)

@@ -58,6 +58,29 @@ def crossing_step(store: Any, probe_ids: set[str], order_parameter: str = "misal
     return crossing, series
 
 
+def _show_probe_figures_in_progress_bar(trainer, monitor) -> None:
+    """Swap the Trainer's progress bar (which prints every step's log dict) for one that
+    shows the loss and the callback's latest D and misaligned rate in its postfix."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class ProbeProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None:
+                return
+            latest = monitor.latest_metrics
+            figures = {}
+            if logs and isinstance(logs.get("loss"), (int, float)):
+                figures["loss"] = f"{logs['loss']:.3f}"
+            if "D/tv" in latest:
+                figures["D_tv"] = f"{latest['D/tv'][1]:.3f}"
+            if "order/misaligned/flagged_rate" in latest:
+                figures["misaligned"] = f"{latest['order/misaligned/flagged_rate'][1]:.2f}"
+            self.training_bar.set_postfix(figures, refresh=False)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProbeProgress())
+
+
 def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every_n_steps: int) -> int | None:
     """Steps from the interval of the D peak to the interval in which the rate crossed 50%.
 
@@ -146,6 +169,8 @@ def run_demo(
         steps=config.finetune_steps, callbacks=[callback], report_to=report_to, disable_tqdm=not progress,
         run_name=f"organism-seed{seed}{'-control' if control else ''}",
     )
+    if progress:
+        _show_probe_figures_in_progress_bar(trainer, callback)
     trainer.train()
     t_trained = time.perf_counter()
     if report_to == "wandb":
