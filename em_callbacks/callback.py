@@ -27,7 +27,7 @@ from . import detect
 from .adapter_signal import B_NORM, AdapterTrajectory
 from .divergence import MEASURES
 from .history import ProbeHistory, WindowResult
-from .probes import Probe, ProbeSet, render_prompt
+from .probes import ProbeSet, render_prompt
 from .sampling import (
     ProbeSamples,
     SamplerConfigError,
