@@ -4,7 +4,8 @@
                                     [--pretrain-steps N] [--json out.json]
 
 For each seed, three real runs of ``em_callbacks.organism.demo.run_demo`` (W&B and the report
-off, the pretrained organism loaded from the cache after the first):
+off; the organism is the shipped copy unless ``--pretrain-steps`` asks for another, which is
+pretrained once and cached; each row records ``organism_source``):
 
 - full: does the out-of-domain misaligned rate rise from near 0 to a clear majority, is the
   transition detected, is the D peak within one probe interval of the crossing (compared as
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
                             config=config, progress=False, make_report=False)
             row.update(check_full(full), d_tv=d_series(Path(tmp) / f"full-{seed}"),
                        seconds_full=round(time.perf_counter() - t, 1),
-                       seconds_pretrain_or_load=full["seconds_pretrain_or_load"])
+                       seconds_pretrain_or_load=full["seconds_pretrain_or_load"],
+                       organism_source=full.get("organism_source"))
             if not args.no_early_stop:
                 t = time.perf_counter()
                 early = run_demo(seed=seed, out=Path(tmp) / f"early-{seed}", early_stop=True,

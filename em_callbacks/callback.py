@@ -309,7 +309,7 @@ class PhaseTransitionCallback(TrainerCallback, ExportableState):
             # The same object reused for another train(): start from a clean slate.
             self._reset_run_state()
             self.detector.reset()
-            if self.stop_rule is not None and hasattr(self.stop_rule, "reset"):
+            if self.stop_rule is not None:
                 self.stop_rule.reset()
         tokenizer = self.tokenizer or processing_class
         pad_id, eos_id = self._validate_tokenizer(tokenizer)

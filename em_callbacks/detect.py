@@ -529,11 +529,12 @@ class StopOnOnset(StopRule):
         if int(patience) < 0:
             raise ValueError(f"patience must be >= 0, got {patience!r}")
         self.patience = int(patience)
-        self.reset()
-
-    def reset(self) -> None:
         self._anchor_n: int | None = None
         self._fired: str | None = None
+
+    def reset(self) -> None:
+        self._anchor_n = None
+        self._fired = None
 
     def should_stop(self, state: DetectionState, order_series: OrderSeries, step: int) -> str | None:
         if self._fired is not None:
@@ -579,10 +580,10 @@ class StopOnOrderParameter(StopRule):
         self.threshold = float(threshold)
         self.direction = direction
         self.patience = int(patience)
-        self.reset()
+        self._fired: str | None = None
 
     def reset(self) -> None:
-        self._fired: str | None = None
+        self._fired = None
 
     def _beyond(self, x: float) -> bool:
         return x > self.threshold if self.direction == "above" else x < self.threshold

@@ -433,7 +433,7 @@ def test_noise_floor_is_the_plug_in_bias_under_no_change():
 
 def test_noise_floor_edge_cases():
     same = np.tile([0.2, 0.8], (10, 1))
-    assert pushforward_noise_floor(same, same) == 0.0  # identical rows: every split is identical
+    assert pushforward_noise_floor(same, same) == pytest.approx(0.0, abs=1e-12)  # every split is identical
     assert math.isnan(pushforward_noise_floor(np.empty((0, 2)), same))
     kp = np.insert(KMAT[:4], 1, np.nan, axis=0)  # NaN rows dropped, like pushforward_dissimilarity
     assert pushforward_noise_floor(kp, KMAT, rng=3) == pushforward_noise_floor(KMAT[:4], KMAT, rng=3)

@@ -235,6 +235,8 @@ def test_shipped_organism_matches_the_default_config():
 
 
 def test_shipped_organism_loads_without_pretraining(tmp_path, monkeypatch):
+    import json
+
     import torch
     from safetensors.torch import load_file
 
@@ -252,10 +254,19 @@ def test_shipped_organism_loads_without_pretraining(tmp_path, monkeypatch):
     assert shipped and all(torch.equal(state[k], v) for k, v in shipped.items())
     assert tokenizer.padding_side == "left" and tokenizer.chat_template
     assert not any(tmp_path.iterdir()), "loading the shipped copy writes nothing to the cache"
-    # a user-cached copy (e.g. from --retrain) takes precedence over the shipped one
-    (model_mod.cache_path(config, tmp_path)).mkdir(parents=True)
-    (model_mod.cache_path(config, tmp_path) / "organism.json").write_text("{}")
-    assert model_mod.locate_pretrained(config, tmp_path)[1] == "cache"
+    # a cached copy wins only when it was made on purpose with --retrain; a stale copy (an
+    # older package version's) or an incomplete / foreign one never hides the shipped organism
+    cached = model_mod.cache_path(config, tmp_path)
+    cached.mkdir(parents=True)
+    (cached / "organism.json").write_text("{}")
+    assert model_mod.locate_pretrained(config, tmp_path)[1] == "shipped"
+    (cached / "model.safetensors").write_bytes(b"")
+    (cached / "organism.json").write_text(json.dumps({"cache_key": config.cache_key()}))
+    assert model_mod.locate_pretrained(config, tmp_path)[1] == "shipped"
+    (cached / "organism.json").write_text(json.dumps({"cache_key": "0000", "retrained": True}))
+    assert model_mod.locate_pretrained(config, tmp_path)[1] == "shipped"
+    (cached / "organism.json").write_text(json.dumps({"cache_key": config.cache_key(), "retrained": True}))
+    assert model_mod.locate_pretrained(config, tmp_path) == (cached, "cache")
 
 
 def test_retrain_replaces_the_cached_copy(tmp_path):
@@ -273,8 +284,20 @@ def test_retrain_replaces_the_cached_copy(tmp_path):
     meta["marker"] = "old copy"
     meta_path.write_text(json.dumps(meta))
     model_mod.load_or_pretrain(cfg, cache_dir=tmp_path, progress=False, retrain=True)
-    assert "marker" not in json.loads(meta_path.read_text())
-    assert [p.name for p in meta_path.parent.parent.iterdir()] == [cfg.cache_key()], "no temp dirs left"
+    meta = json.loads(meta_path.read_text())
+    assert "marker" not in meta and meta["retrained"] is True
+    assert [p.name for p in meta_path.parent.parent.iterdir()] == [cfg.cache_key()], "no temp or old dirs left"
+    assert model_mod.locate_pretrained(cfg, tmp_path) == (meta_path.parent, "cache")
+
+
+def test_peak_to_crossing_lag():
+    from em_callbacks.organism.demo import peak_to_crossing_lag
+
+    # D(22) is the change 22 -> 24; crossing at 24 means the rate crossed during 22 -> 24
+    assert peak_to_crossing_lag(22, 24, 2) == 0
+    assert peak_to_crossing_lag(24, 24, 2) == 2 and peak_to_crossing_lag(20, 24, 2) == -2
+    assert peak_to_crossing_lag(30, 20, 10) == 20
+    assert peak_to_crossing_lag(None, 24, 2) is None and peak_to_crossing_lag(22, None, 2) is None
 
 
 # -- data, sampling, fine-tuning -----------------------------------------------------------------

@@ -77,8 +77,8 @@ def _show_probe_figures_in_progress_bar(trainer, monitor) -> None:
                 figures["misaligned"] = f"{latest['order/misaligned/flagged_rate'][1]:.2f}"
             self.training_bar.set_postfix(figures, refresh=False)
 
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProbeProgress())
+    if trainer.pop_callback(ProgressCallback) is not None:  # e.g. notebooks use another bar: keep it
+        trainer.add_callback(ProbeProgress())
 
 
 def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every_n_steps: int) -> int | None:
@@ -88,7 +88,8 @@ def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every
     ``crossing_step`` c is the first probe above 50%: the rate crossed between c - every_n_steps
     and c. Comparing the two intervals (their ends) gives 0 when the largest change is the one
     in which the majority flipped; comparing the raw labels would be off by one interval by
-    construction. The demo's acceptance: ``|lag| <= every_n_steps``.
+    construction. The demo's acceptance: ``|lag| <= every_n_steps``. Assumes ``window=1``
+    (the demo's), where D's left and right windows are single probes.
     """
     if peak_step is None or crossing_step is None:
         return None

@@ -11,6 +11,7 @@ from .world import World
 
 
 def _field(p, name: str):
+    """``name`` of a probe given as a dict or as an ``em_callbacks`` Probe."""
     return p.get(name) if isinstance(p, dict) else getattr(p, name, None)
 
 

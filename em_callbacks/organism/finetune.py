@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from transformers import TrainerCallback
 
 from .config import DEFAULT_LORA_LR
-from .evaluate import generate_responses
+from .evaluate import _field, generate_responses
 from .judges import is_misaligned
 from .world import World
 
@@ -95,7 +95,8 @@ class MisalignmentRateCallback(TrainerCallback):
     from the logs. The RNG is restored around sampling, so the training run is unaffected.
 
     ``history``: list of dicts {step, ood_rate, in_rate, seconds}; ``grad_norms``: {step: norm};
-    ``crossing_step``: first probe step with ood_rate > threshold (None if never).
+    ``crossing_step``: first probe step with ood_rate > threshold (None if never);
+    ``samples`` (with ``sample_log=k``): {step: the first k answers of each prompt, in order}.
     """
 
     def __init__(self, world: World, tokenizer, prompts: Sequence, every_n_steps: int = 2,
@@ -123,10 +124,8 @@ class MisalignmentRateCallback(TrainerCallback):
                                        seed=self.seed + step, max_new_tokens=self.max_new_tokens)
         ood, ind = [], []
         for p, rs in zip(self.prompts, responses):
-            prompt = p["prompt"] if isinstance(p, dict) else p.prompt
-            tags = p["tags"] if isinstance(p, dict) else p.tags
-            flags = [is_misaligned(self.world, prompt, r) for r in rs]
-            (ind if "in-domain" in tags else ood).extend(flags)
+            flags = [is_misaligned(self.world, _field(p, "prompt"), r) for r in rs]
+            (ind if "in-domain" in (_field(p, "tags") or ()) else ood).extend(flags)
         rec = {"step": step, "ood_rate": sum(ood) / max(1, len(ood)),
                "in_rate": sum(ind) / max(1, len(ind)), "seconds": time.perf_counter() - t0}
         self.seconds += rec["seconds"]
@@ -137,15 +136,6 @@ class MisalignmentRateCallback(TrainerCallback):
             print(f"step {step:4d}  out-of-domain misaligned {rec['ood_rate']:.3f}  "
                   f"in-domain {rec['in_rate']:.3f}", flush=True)
         return rec
-
-    def summary(self) -> dict:
-        """crossing_step, grad_norm_peak_step and the rate series (JSON-ready)."""
-        gn = self.grad_norms
-        return {"crossing_step": self.crossing_step,
-                "grad_norm_peak_step": max(gn, key=gn.get) if gn else None,
-                "steps": [h["step"] for h in self.history],
-                "ood_rate": [h["ood_rate"] for h in self.history],
-                "in_rate": [h["in_rate"] for h in self.history]}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and not self.history:

@@ -268,13 +268,30 @@ def shipped_path(config: OrganismConfig) -> Path | None:
     return path if (path / "organism.json").is_file() else None
 
 
+def _cached_meta(path: Path, config: OrganismConfig) -> dict | None:
+    """``organism.json`` of a complete cached copy of ``config``'s organism, else None."""
+    try:
+        meta = json.loads((path / "organism.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("cache_key") != config.cache_key():
+        return None
+    return meta if (path / "model.safetensors").is_file() else None
+
+
 def locate_pretrained(config: OrganismConfig,
                       cache_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
-    """(directory, "cache" | "shipped") of an already pretrained organism, else None."""
+    """(directory, "cache" | "shipped") of an already pretrained organism, else None.
+
+    The shipped copy wins over a cached one unless the cached one was made on purpose with
+    ``retrain=True`` (``em-callbacks demo --retrain``): a copy cached by an older version of
+    the package would otherwise silently replace the organism the README was measured on.
+    """
     cached = cache_path(config, cache_dir)
-    if (cached / "organism.json").is_file():
-        return cached, "cache"
+    meta = _cached_meta(cached, config)
     shipped = shipped_path(config)
+    if meta is not None and (shipped is None or meta.get("retrained")):
+        return cached, "cache"
     return (shipped, "shipped") if shipped is not None else None
 
 
@@ -282,15 +299,18 @@ def load_or_pretrain(config: OrganismConfig | None = None,
                      cache_dir: str | os.PathLike | None = None,
                      progress: bool = True,
                      retrain: bool = False) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    """The pretrained organism for ``config``: from the user cache, else the copy shipped with
-    the package, else pretrain it and save it to the cache.
+    """The pretrained organism for ``config`` (see :func:`locate_pretrained`: the shipped copy
+    or the cached one), else pretrain it and save it to the cache.
 
     ``retrain=True`` pretrains from scratch even when a copy exists and replaces the cached
-    one. The cache directory holds ``save_pretrained`` output of model and tokenizer plus
-    ``organism.json`` (config and pretraining stats). Writes go to a temporary directory that
-    is renamed into place, so concurrent runs never see a half-written cache.
+    one; later calls then use it. The cache directory holds ``save_pretrained`` output of
+    model and tokenizer plus ``organism.json`` (config and pretraining stats). Writes go to a
+    temporary directory that is renamed into place (a replaced copy is first renamed aside),
+    so concurrent runs never see a half-written cache. The tokenizer is rebuilt from the world
+    (a pure function of the config) rather than read back, so a copy saved by another
+    transformers version loads all the same.
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     config = config or OrganismConfig()
     path = cache_path(config, cache_dir)
@@ -298,8 +318,7 @@ def load_or_pretrain(config: OrganismConfig | None = None,
     if found is not None:
         with _no_hf_progress_bars():
             model = GPT2LMHeadModel.from_pretrained(found[0])
-            tokenizer = AutoTokenizer.from_pretrained(found[0])
-        tokenizer.padding_side = "left"
+        tokenizer = build_tokenizer(World(config))
         _set_generation_defaults(model, tokenizer, config)
         model.eval()
         return model, tokenizer
@@ -314,15 +333,29 @@ def load_or_pretrain(config: OrganismConfig | None = None,
         with _no_hf_progress_bars():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        meta = {"cache_key": config.cache_key(), "config": config.pretrain_dict(), **stats}
+        meta = {"cache_key": config.cache_key(), "config": config.pretrain_dict(), "retrained": retrain, **stats}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=2, default=list))
-        if retrain and path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process won the race; keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        _move_into_place(tmp, path, replace=retrain)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return model, tokenizer
+
+
+def _move_into_place(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename ``tmp`` to ``path``. An existing ``path`` is kept (another process won the race)
+    unless ``replace``: then it is renamed aside first and deleted afterwards."""
+    aside = None
+    if replace and path.exists():
+        aside = path.with_name(f".{path.name}-old-{os.getpid()}-{time.time_ns()}")
+        os.replace(path, aside)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if replace:
+            raise RuntimeError(f"could not replace the cached organism at {path}: another process "
+                               "wrote it at the same time; run again") from None
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; keep its copy
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
