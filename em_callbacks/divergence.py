@@ -369,6 +369,19 @@ def _bootstrap_means(
     return counts @ kernel / n
 
 
+def _kernel_pair(kernel_p: Any, kernel_q: Any, measure: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' kernels validated (see ``_as_kernel``), with the same number of outcomes."""
+    _check_measure(measure)
+    kp = _as_kernel(kernel_p, "kernel_p")
+    kq = _as_kernel(kernel_q, "kernel_q")
+    if kp.shape[1] != kq.shape[1]:
+        raise ValueError(
+            f"kernel_p and kernel_q must have the same number of outcomes, got {kp.shape[1]} "
+            f"and {kq.shape[1]}"
+        )
+    return kp, kq
+
+
 def pushforward_noise_floor(
     kernel_p: Any,
     kernel_q: Any,
@@ -384,14 +397,7 @@ def pushforward_noise_floor(
     order parameter whose D is near its floor did not measurably change. Same input rules as
     ``pushforward_dissimilarity``; NaN when a side has no rows. ``rng`` None means seed 0.
     """
-    _check_measure(measure)
-    kp = _as_kernel(kernel_p, "kernel_p")
-    kq = _as_kernel(kernel_q, "kernel_q")
-    if kp.shape[1] != kq.shape[1]:
-        raise ValueError(
-            f"kernel_p and kernel_q must have the same number of outcomes, got {kp.shape[1]} "
-            f"and {kq.shape[1]}"
-        )
+    kp, kq = _kernel_pair(kernel_p, kernel_q, measure)
     if int(n_resamples) < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     n_p, n_q = kp.shape[0], kq.shape[0]
@@ -423,14 +429,7 @@ def pushforward_dissimilarity(
     bootstrap SD does not include that bias). Returns NaN value and stderr when a side has no
     rows left, NaN stderr when a side has a single row.
     """
-    _check_measure(measure)
-    kp = _as_kernel(kernel_p, "kernel_p")
-    kq = _as_kernel(kernel_q, "kernel_q")
-    if kp.shape[1] != kq.shape[1]:
-        raise ValueError(
-            f"kernel_p and kernel_q must have the same number of outcomes, got {kp.shape[1]} "
-            f"and {kq.shape[1]}"
-        )
+    kp, kq = _kernel_pair(kernel_p, kernel_q, measure)
     if int(n_resamples) < 2:
         raise ValueError(f"n_resamples must be >= 2, got {n_resamples}")
     n_p, n_q = kp.shape[0], kq.shape[0]
