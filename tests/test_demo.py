@@ -30,7 +30,16 @@ def _run(out, organism_cache, monkeypatch, *flags):
 
 
 def test_demo_detects_the_transition(tmp_path, organism_cache, monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    threads = torch.get_num_threads()
     summary, output = _run(tmp_path / "demo", organism_cache, monkeypatch, "--wandb", "offline")
+    # the demo leaves the process as it found it (it runs inside notebooks and benchmarks too)
+    assert "WANDB_DIR" not in os.environ and torch.get_num_threads() == threads
+    assert summary["organism_source"] == "shipped"
     for key in ("transition_detected", "onset_step", "peak_step", "grad_norm_peak_step", "stopped_early",
                 "every_n_steps", "crossing_step"):
         assert key in summary

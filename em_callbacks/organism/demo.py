@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .world import World
 __all__ = ["run_demo", "organism_order_parameters", "crossing_step", "peak_to_crossing_lag", "verdict"]
 
 WANDB_MODES = ("offline", "online", "disabled")
+_WANDB_ENV = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_SILENT")
 
 
 def organism_order_parameters(world: World):
@@ -56,6 +58,25 @@ def crossing_step(store: Any, probe_ids: set[str], order_parameter: str = "misal
     series = [(steps[k], float(np.mean(v))) for k, v in sorted(by_probe.items()) if k in steps]
     crossing = next((s for s, rate in series if rate > threshold), None)
     return crossing, series
+
+
+@contextmanager
+def _restored_process_state():
+    """Restore torch's thread count and the WANDB_* variables the demo sets, so in-process
+    callers (tests, benchmarks, notebooks) are left as they were."""
+    import torch
+
+    threads = torch.get_num_threads()
+    saved = {key: os.environ.get(key) for key in _WANDB_ENV}
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _show_probe_figures_in_progress_bar(trainer, monitor) -> None:
@@ -122,62 +143,61 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = config or OrganismConfig()
-    t_start = time.perf_counter()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+    with _restored_process_state():  # threads and WANDB_* variables are the caller's again afterwards
+        t_start = time.perf_counter()
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
 
-    found = None if retrain else locate_pretrained(config, cache_dir)
-    organism_source = found[1] if found else "pretrained"
-    if progress:
-        print({"cache": f"Pretrained organism {config.cache_key()} loaded from the cache ({found[0] if found else ''}).",
-               "shipped": f"Pretrained organism {config.cache_key()} loaded from the copy shipped with em-callbacks "
-                          "(--retrain pretrains it from scratch).",
-               "pretrained": f"Pretraining organism {config.cache_key()} (once; cached afterwards)."}[organism_source],
-              flush=True)
-    model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress, retrain=retrain)
-    t_pretrained = time.perf_counter()
-    world = World(config)
-    probes = probe_set(world)
-    dataset = finetune_dataset(world, aligned=control, seed=seed)
-    order_parameters, judge = organism_order_parameters(world)
+        found = None if retrain else locate_pretrained(config, cache_dir)
+        organism_source = found[1] if found else "pretrained"
+        if progress:
+            print({"cache": f"Pretrained organism {config.cache_key()} loaded from the cache ({found[0] if found else ''}).",
+                   "shipped": f"Pretrained organism {config.cache_key()} loaded from the copy shipped with em-callbacks "
+                              "(--retrain pretrains it from scratch).",
+                   "pretrained": f"Pretraining organism {config.cache_key()} (once; cached afterwards)."}[organism_source],
+                  flush=True)
+        model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress, retrain=retrain)
+        t_pretrained = time.perf_counter()
+        world = World(config)
+        probes = probe_set(world)
+        dataset = finetune_dataset(world, aligned=control, seed=seed)
+        order_parameters, judge = organism_order_parameters(world)
 
-    report_to = "none"
-    if wandb_mode != "disabled":
-        try:
-            import wandb  # noqa: F401
+        report_to = "none"
+        if wandb_mode != "disabled":
+            try:
+                import wandb
 
-            os.environ["WANDB_MODE"] = wandb_mode
-            os.environ.setdefault("WANDB_PROJECT", "em-callbacks-demo")
-            os.environ["WANDB_DIR"] = str(out)
-            os.environ.setdefault("WANDB_SILENT", "true")
-            report_to = "wandb"
-        except ImportError:
-            print("wandb is not installed: skipping W&B logging (pip install 'em-callbacks[wandb]')")
+                os.environ["WANDB_MODE"] = wandb_mode
+                os.environ.setdefault("WANDB_PROJECT", "em-callbacks-demo")
+                os.environ["WANDB_DIR"] = str(out)
+                os.environ.setdefault("WANDB_SILENT", "true")
+                report_to = "wandb"
+            except ImportError:
+                print("wandb is not installed: skipping W&B logging (pip install 'em-callbacks[wandb]')")
 
-    callback = PhaseTransitionCallback(
-        probes=probes,
-        every_n_steps=config.probe_every,
-        samples_per_prompt=config.samples_per_prompt,
-        max_new_tokens=config.max_new_tokens,
-        order_parameters=order_parameters,
-        judge=judge,
-        early_stopping=early_stop,
-        output_dir=out,
-        seed=seed,
-        batch_size=256,
-    )
-    trainer = build_finetune_trainer(
-        model, tokenizer, dataset, output_dir=str(out / "trainer"), seed=seed,
-        steps=config.finetune_steps, callbacks=[callback], report_to=report_to, disable_tqdm=not progress,
-        run_name=f"organism-seed{seed}{'-control' if control else ''}",
-    )
-    if progress:
-        _show_probe_figures_in_progress_bar(trainer, callback)
-    trainer.train()
-    t_trained = time.perf_counter()
-    if report_to == "wandb":
-        import wandb
-
-        wandb.finish()
+        callback = PhaseTransitionCallback(
+            probes=probes,
+            every_n_steps=config.probe_every,
+            samples_per_prompt=config.samples_per_prompt,
+            max_new_tokens=config.max_new_tokens,
+            order_parameters=order_parameters,
+            judge=judge,
+            early_stopping=early_stop,
+            output_dir=out,
+            seed=seed,
+            batch_size=256,
+        )
+        trainer = build_finetune_trainer(
+            model, tokenizer, dataset, output_dir=str(out / "trainer"), seed=seed,
+            steps=config.finetune_steps, callbacks=[callback], report_to=report_to, disable_tqdm=not progress,
+            run_name=f"organism-seed{seed}{'-control' if control else ''}",
+        )
+        if progress:
+            _show_probe_figures_in_progress_bar(trainer, callback)
+        trainer.train()
+        t_trained = time.perf_counter()
+        if report_to == "wandb":
+            wandb.finish()
 
     store = RunStore(out, readonly=True)
     ood = {p.id for p in probes if "out-of-domain" in p.tags}
