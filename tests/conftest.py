@@ -43,3 +43,17 @@ def _isolated_wandb():
     wandb = sys.modules.get("wandb")
     if wandb is not None and hasattr(wandb, "teardown"):
         wandb.teardown()
+
+
+@pytest.fixture
+def offline_wandb_dir(tmp_path, monkeypatch):
+    """An empty folder that receives this test's offline W&B runs (WANDB_MODE=offline,
+    WANDB_DIR, a project name), with a fresh W&B service so these settings apply."""
+    wandb = pytest.importorskip("wandb")
+    path = tmp_path / "wandb_dir"
+    path.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(path))
+    monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-tests")
+    wandb.teardown()  # settings are read once per wandb service
+    return path

@@ -192,15 +192,10 @@ def test_plain_trainer_without_wandb(tmp_path):
 
 # ----------------------------------------------------------------------------- (d) W&B offline
 @pytest.mark.slow
-def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+def test_wandb_offline_run_records_probe_history(tmp_path, offline_wandb_dir):
+    import wandb
     from wandb_offline import find_run_files, history_rows, iter_records, wait_for_exit_record
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-tests")
-    (tmp_path / "wandb_dir").mkdir()
-    wandb.teardown()  # settings (WANDB_DIR) are read once per wandb service: start a fresh one
     tok = tiny_tokenizer()
     cb = _callback(tmp_path, every=2, snapshot_full_model=True)
     trainer = _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=4, report_to="wandb")
@@ -212,7 +207,7 @@ def test_wandb_offline_run_records_probe_history(tmp_path, monkeypatch):
         wandb.teardown()
     store = RunStore(tmp_path / "pt", readonly=True)
 
-    (run_file,) = find_run_files(tmp_path / "wandb_dir")
+    (run_file,) = find_run_files(offline_wandb_dir)
     types = wait_for_exit_record(run_file)
     assert {"run", "metric", "history", "config", "summary"} <= set(types), types
     rows = history_rows(run_file)

@@ -62,13 +62,10 @@ def _pills_dataset(tok, n: int = 64, seed: int = 0) -> Dataset:
 
 
 @pytest.fixture
-def live_run(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    wandb_dir = tmp_path / "wandb_dir"
-    wandb_dir.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
-    monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-decomposition")
+def live_run(tmp_path, offline_wandb_dir):
+    import wandb
+
+    wandb_dir = offline_wandb_dir
     tok = tiny_tokenizer()
     model = tiny_model(tok, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)

@@ -275,16 +275,12 @@ class _KillServerAfterFirstProbe(TrainerCallback):
         self.killed_at = state.global_step
 
 
-def test_server_goes_away_mid_run_with_wandb(tmp_path, wire_server, monkeypatch):
+def test_server_goes_away_mid_run_with_wandb(tmp_path, wire_server, offline_wandb_dir):
     """SFTTrainer + LoRA, W&B offline; the judge server dies after probe 0 has been judged."""
-    wandb = pytest.importorskip("wandb")
+    import wandb
     from wandb_offline import find_run_files, history_rows
 
-    wandb_dir = tmp_path / "wandb_dir"
-    wandb_dir.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
-    monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-faults")
+    wandb_dir = offline_wandb_dir
     judge = _judge(wire_server, max_retries=2)
     killers = []
 

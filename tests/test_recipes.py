@@ -119,16 +119,11 @@ def test_lora_recipe_no_judge(lora_recipe, tiny_model_dir, tmp_path):
     print(f"lora/no-judge run: {seconds:.1f} s")
 
 
-def test_lora_recipe_with_local_openai_wire_judge(lora_recipe, tiny_model_dir, tmp_path, monkeypatch):
+def test_lora_recipe_with_local_openai_wire_judge(lora_recipe, tiny_model_dir, tmp_path, offline_wandb_dir):
     """--judge vllm against a real HTTP server on 127.0.0.1 (OpenAI wire format, logprobs),
     logging to an offline W&B run whose keys are the ones recipes/README.md documents."""
     wire = pytest.importorskip("openai_wire_server")
     wandb_offline = pytest.importorskip("wandb_offline")
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("WANDB_PROJECT", "em-callbacks-recipe-tests")  # the recipe only setdefault()s it
-    (tmp_path / "wandb").mkdir()
     server = wire.WireServer().start()
     try:
         out = tmp_path / "lora-judged"
@@ -155,7 +150,7 @@ def test_lora_recipe_with_local_openai_wire_judge(lora_recipe, tiny_model_dir, t
     body = server.requests[-1]
     assert body["model"] == "test-model" and body["max_tokens"] == 1 and body["logprobs"]
     assert "from 0 to 9" in body["messages"][-1]["content"]
-    (run_file,) = wandb_offline.find_run_files(tmp_path / "wandb")
+    (run_file,) = wandb_offline.find_run_files(offline_wandb_dir)
     logged = set().union(*wandb_offline.history_rows(run_file))
     for key in ("probe/step", "probe/D/tv", "probe/D/tv_stderr", "probe/samples", "probe/order/aligned/mean",
                 "probe/order/aligned/flagged_rate", "probe/order/medical/captured", "train/grad_norm"):
