@@ -649,7 +649,7 @@ def _captured_rows(store: RunStore, step: int) -> dict[str, dict[str, Any]]:
     k = _probe_index_of(store, step)
     if k is None:
         return {}
-    return {n.split("/", 1)[1]: m for n, m in store.metrics_at(k).items() if n.startswith("captured/") and _finite(m["value"])}
+    return {n: m for n, m in store.captured_rows(k).items() if _finite(m["value"])}
 
 
 def plot_captured(

@@ -306,13 +306,16 @@ class RunStore:
             for n, v, se, lo, hi, x in rows
         }
 
+    def captured_rows(self, probe_index: int) -> dict[str, dict[str, Any]]:
+        """{order parameter: its ``captured/<name>`` metrics row} at a probe."""
+        return {name.split("/", 1)[1]: m for name, m in self.metrics_at(probe_index).items()
+                if name.startswith("captured/")}
+
     def captured_at(self, probe_index: int) -> dict[str, dict[str, Any]]:
         """{order parameter: {value, stderr, noise_floor}} of the captured fractions at a probe."""
-        return {
-            name.split("/", 1)[1]: {"value": m["value"], "stderr": m["stderr"],
-                                    "noise_floor": (m["extra"] or {}).get("noise_floor")}
-            for name, m in self.metrics_at(probe_index).items() if name.startswith("captured/")
-        }
+        return {name: {"value": m["value"], "stderr": m["stderr"],
+                       "noise_floor": (m["extra"] or {}).get("noise_floor")}
+                for name, m in self.captured_rows(probe_index).items()}
 
     def judgments(self, order_parameter: str | None = None, probe_index: int | None = None) -> list[dict[str, Any]]:
         clauses, args = [], []
