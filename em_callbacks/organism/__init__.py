@@ -32,7 +32,7 @@ from .world import World
 _LAZY = {
     "load_or_pretrain": ".model", "build_model": ".model", "pretrain": ".model",
     "cache_path": ".model", "render_chat": ".model", "shipped_path": ".model",
-    "locate_pretrained": ".model",
+    "locate_pretrained": ".model", "load_pretrained": ".model",
     "generate_responses": ".evaluate", "misaligned_rate": ".evaluate",
     "misaligned_rates": ".evaluate", "preserved_rng": ".evaluate",
     "build_finetune_trainer": ".finetune", "lora_config": ".finetune",

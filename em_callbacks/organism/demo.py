@@ -138,7 +138,7 @@ def run_demo(
     from em_callbacks.store import RunStore
 
     from .finetune import build_finetune_trainer
-    from .model import load_or_pretrain, locate_pretrained
+    from .model import load_or_pretrain, load_pretrained, locate_pretrained
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,10 @@ def run_demo(
                               "(--retrain pretrains it from scratch).",
                    "pretrained": f"Pretraining organism {config.cache_key()} (once; cached afterwards)."}[organism_source],
                   flush=True)
-        model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress, retrain=retrain)
+        if found is not None:
+            model, tokenizer = load_pretrained(found[0], config)
+        else:
+            model, tokenizer = load_or_pretrain(config, cache_dir=cache_dir, progress=progress, retrain=retrain)
         t_pretrained = time.perf_counter()
         world = World(config)
         probes = probe_set(world)

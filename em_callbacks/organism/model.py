@@ -295,6 +295,20 @@ def locate_pretrained(config: OrganismConfig,
     return (shipped, "shipped") if shipped is not None else None
 
 
+def load_pretrained(path: str | os.PathLike, config: OrganismConfig) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The organism saved in ``path`` (a directory from :func:`locate_pretrained`), in eval mode.
+    The tokenizer is rebuilt from the world (a pure function of the config) rather than read
+    back, so a copy saved by another transformers version loads all the same."""
+    from transformers import GPT2LMHeadModel
+
+    with _no_hf_progress_bars():
+        model = GPT2LMHeadModel.from_pretrained(path)
+    tokenizer = build_tokenizer(World(config))
+    _set_generation_defaults(model, tokenizer, config)
+    model.eval()
+    return model, tokenizer
+
+
 def load_or_pretrain(config: OrganismConfig | None = None,
                      cache_dir: str | os.PathLike | None = None,
                      progress: bool = True,
@@ -306,22 +320,13 @@ def load_or_pretrain(config: OrganismConfig | None = None,
     one; later calls then use it. The cache directory holds ``save_pretrained`` output of
     model and tokenizer plus ``organism.json`` (config and pretraining stats). Writes go to a
     temporary directory that is renamed into place (a replaced copy is first renamed aside),
-    so concurrent runs never see a half-written cache. The tokenizer is rebuilt from the world
-    (a pure function of the config) rather than read back, so a copy saved by another
-    transformers version loads all the same.
+    so concurrent runs never see a half-written cache.
     """
-    from transformers import GPT2LMHeadModel
-
     config = config or OrganismConfig()
     path = cache_path(config, cache_dir)
     found = None if retrain else locate_pretrained(config, cache_dir)
     if found is not None:
-        with _no_hf_progress_bars():
-            model = GPT2LMHeadModel.from_pretrained(found[0])
-        tokenizer = build_tokenizer(World(config))
-        _set_generation_defaults(model, tokenizer, config)
-        model.eval()
-        return model, tokenizer
+        return load_pretrained(found[0], config)
 
     world = World(config)
     tokenizer = build_tokenizer(world)
