@@ -351,14 +351,15 @@ class WeightSnapshots:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def swapped_in(self, model: torch.nn.Module, probe_index: int) -> Iterator[None]:
+    def swapped_in(self, model: torch.nn.Module, probe_index: int) -> Iterator[torch.nn.Module]:
+        """``model`` with probe ``probe_index``'s parameters in place (yields the same model)."""
         snapshot = self._snapshots[probe_index]
         params = self.trainable(model)
         live = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
         try:
             for name, p in params.items():
                 p.data.copy_(snapshot[name].to(p.device, p.dtype))
-            yield
+            yield model
         finally:
             for name, p in params.items():
                 p.data.copy_(live[name].to(p.device, p.dtype))

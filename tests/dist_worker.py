@@ -231,8 +231,8 @@ def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
         "user_callback_is_active": len(live) == 1 and live[0] is cb,
         "has_store": active.store is not None,
         "summary": active.summary,
-        "probe_steps": list(active._probe_steps),
-        "stopped": active._stopped,
+        "probe_steps": active.probe_steps,
+        "stopped": active.stopped.to_dict() if active.stopped else None,
         "detector": active.detector.state.to_dict(),
         "config": {
             "probes": [pr.prompt for pr in active.probes],

@@ -268,7 +268,7 @@ class _KillServerAfterFirstProbe(TrainerCallback):
         if self.killed_at is not None:
             return
         deadline = time.monotonic() + 20
-        while self.cb._runner.pending() and time.monotonic() < deadline:
+        while self.cb.engine.pending_judgments() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.server.dead = True  # open keep-alive connections are dropped ...
         self.server.stop()  # ... and new ones refused
