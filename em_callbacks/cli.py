@@ -1,4 +1,4 @@
-"""``em-callbacks`` command line: ``demo``, ``report`` and ``discover``.
+"""``em-callbacks`` command line: ``demo``, ``report``, ``analyze`` and ``discover``.
 
 Exit codes: 0 success, 1 the command failed (e.g. an optional component is missing),
 2 bad usage (unknown option, missing or invalid run directory).
@@ -180,6 +180,62 @@ def demo(
         if verdict is not None:
             console.print(verdict(result), markup=False)
     console.print(f"Outputs in {out}", markup=False)
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(help="A Trainer output_dir (its checkpoint-* folders, in step "
+                                                "order) or checkpoint folders.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the run store, summary.json and "
+                                      "report.")],
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Base model of adapter checkpoints "
+                                                      "(default: the adapter config's); for full-model "
+                                                      "checkpoints, adds a probe of it at step 0.")] = None,
+    probes: Annotated[str, typer.Option("--probes", help="Built-in probe set name or a JSONL/YAML file.")]
+    = "em-first-plot",
+    samples_per_prompt: Annotated[int, typer.Option("--samples-per-prompt", min=2)] = 16,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="The live run's seed, to draw the same samples.")] = 0,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge model for order parameters "
+                                                       "(OpenAI-compatible).")] = None,
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="OpenAI-compatible judge server.")] = None,
+    order_parameter: Annotated[Optional[list[str]], typer.Option("--order-parameter", help="Built-in order "
+                                                                 "parameter to judge (repeatable; default "
+                                                                 "'aligned' with a judge).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable or partial checkpoints "
+                                           "instead of failing.")] = False,
+    wandb: Annotated[WandbMode, typer.Option("--wandb", help="Weights & Biases mode.", case_sensitive=False)]
+    = WandbMode.disabled,
+) -> None:
+    """Run the probe pipeline over saved checkpoints: the same store, summary and report as a live run."""
+    from .analyze import CheckpointError, analyze_checkpoints
+    from .engine import ConfigError
+
+    judge, ops = None, []
+    if judge_model:
+        from .judges import OpenAIJudge
+        from .order import OrderParameter
+
+        judge = OpenAIJudge(model=judge_model, base_url=base_url)
+        try:
+            ops = [OrderParameter.builtin(name) for name in (order_parameter or ["aligned"])]
+        except (KeyError, ValueError) as exc:
+            raise _fail(str(exc), EXIT_USAGE) from None
+    elif order_parameter:
+        raise _fail("--order-parameter needs --judge-model", EXIT_USAGE)
+    try:
+        summary = analyze_checkpoints(
+            paths, out, base_model=base_model, probes=probes, samples_per_prompt=samples_per_prompt,
+            max_new_tokens=max_new_tokens, seed=seed, judge=judge, order_parameters=ops, skip_bad=skip_bad,
+            wandb_mode=wandb.value,
+        )
+    except (CheckpointError, ConfigError) as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    console = _console()
+    console.print(_summary_table(summary.to_dict(), "Phase transition (offline analysis)"))
+    if summary.detection_note:
+        console.print(summary.detection_note, markup=False)
+    console.print(f"Run store, summary.json and report in {out}", markup=False)
 
 
 @app.command()
