@@ -353,12 +353,14 @@ class ProbeEngine:
         self.feasibility = detection_feasibility(planned_probes, self.config.min_probes_for_detection())
         if not self.layout.is_main:
             return
+        moved = None
         if not resuming:
             from .store import archive_previous_run
 
             moved = archive_previous_run(self.run_dir)
             if moved is not None:
-                logger.warning("em-callbacks: %s held an earlier run; it was moved to %s", self.run_dir, moved)
+                warnings.warn(f"em-callbacks: {self.run_dir} held an earlier run; it was moved to {moved} "
+                              "(nothing is overwritten)", stacklevel=3)
         self.sink = sink or WandbSink(enabled=False)
         config = self.config.to_dict(cross_scoring=mode, **(run_config or {}), detection=self.feasibility)
         self.store = RunStore(self.run_dir)
@@ -371,6 +373,8 @@ class ProbeEngine:
 
             self._runner = JudgeRunner(self.config.judge, list(self.config.order_parameters),
                                        max_concurrency=self.config.judge_concurrency)
+        if moved is not None:
+            self.store.add_event("previous_run_archived", None, path=str(moved))
         self.sink.log_config(config)
         if not self.feasibility["possible"]:
             warnings.warn(f"em-callbacks: {self.feasibility['why']}", stacklevel=3)
@@ -707,6 +711,8 @@ class ProbeEngine:
     def _write_summary(self, final_step: int) -> RunSummary:
         summary = summarize(self.store, live_state=self.detector.state, final_step=final_step,
                             feasibility=self.feasibility)
+        if self.stop_rule is not None and hasattr(self.stop_rule, "notes"):
+            summary.stop_rule_notes = list(self.stop_rule.notes())
         summary.write(self.run_dir / "summary.json")
         self.store.set_meta(summary=summary.to_dict())
         self.sink.summary({f"transition/{key}": v for key, v in summary.to_dict().items()

@@ -57,6 +57,7 @@ class RunSummary:
     final_step: int | None
     detection_possible: bool
     detection_note: str | None
+    stop_rule_notes: list[str] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     missing_judgments: dict[str, int] = field(default_factory=dict)
     captured_at_peak: dict[str, Any] = field(default_factory=dict)

@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from em_callbacks import detect  # noqa: E402
 from em_callbacks.callback import PhaseTransitionCallback  # noqa: E402
-from em_callbacks.judges import RuleJudge  # noqa: E402
+from em_callbacks.judges import Rule, RuleJudge  # noqa: E402
 from em_callbacks.order import OrderParameter, Scale  # noqa: E402
 from tiny import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -125,12 +125,13 @@ def make_callback(opts, out_dir: str) -> PhaseTransitionCallback:
         samples_per_prompt=2,
         max_new_tokens=4,
         order_parameters=[ORDER_PARAMETER],
-        judge=RuleJudge(r"money|invest"),
+        judge=RuleJudge(Rule.true_if(r"money|invest")),
         early_stopping=rule,
         batch_size=8,
         detector=detect.TransitionDetector(baseline_probes=2, z_threshold=50.0, min_rise=0.5),
         judge_drain_timeout=30.0,
         output_dir=os.path.join(out_dir, "phase_transition"),
+        report_to_wandb=True,  # the worker opens its own W&B run; the Trainer reports to "none"
     )
 
 
@@ -179,10 +180,13 @@ def _run(opts, rank: int, timings: dict, extra_callbacks) -> int:
 
 def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
     wandb_logs: list[list[str]] = []
+    probe_logs: list[tuple[int, list[str]]] = []  # (probe/step, keys) of each probe log call
     real_log = run.log
 
     def recording_log(data, *args, **kwargs):
         wandb_logs.append(sorted(data))
+        if "probe/step" in data:
+            probe_logs.append((int(data["probe/step"]), sorted(k for k in data if k != "probe/step")))
         return real_log(data, *args, **kwargs)
 
     run.log = recording_log
@@ -243,6 +247,7 @@ def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
             "output_dir": str(active.output_dir),
         },
         "wandb_logs": wandb_logs,
+        "probe_logs": probe_logs,
         "timings": timings,
     }
     with open(os.path.join(opts.out, f"rank{rank}.json"), "w") as fh:

@@ -198,6 +198,24 @@ def test_plain_trainer_without_wandb(tmp_path):
 
 # ----------------------------------------------------------------------------- (d) W&B offline
 @pytest.mark.slow
+def test_no_wandb_logging_unless_the_trainer_reports_to_wandb(tmp_path):
+    """An active W&B run is not enough: with report_to="none" the callback logs nothing to it
+    (report_to_wandb=True would force it)."""
+    wandb = pytest.importorskip("wandb")
+    tok = tiny_tokenizer()
+    run = wandb.init(mode="disabled", project="em-callbacks-test")
+    logged = []
+    original = run.log
+    run.log = lambda data, *a, **k: (logged.append(dict(data)), original(data, *a, **k))
+    try:
+        cb = _callback(tmp_path)
+        _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=2).train()
+        assert cb.engine.sink.run is None
+    finally:
+        wandb.finish()
+    assert not [d for d in logged if any(k.startswith("probe/") for k in d)]
+
+
 def test_wandb_offline_run_records_probe_history(tmp_path, offline_wandb_dir):
     import wandb
     from wandb_offline import find_run_files, history_rows, iter_records, wait_for_exit_record

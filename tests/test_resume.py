@@ -149,6 +149,15 @@ def _check_resumed(run: Path, killed: Path, result: dict, resubmitted: int = 0) 
     assert cosine[0] is None and cosine[2] is None
     assert all(cosine[s] is not None and -1.0 <= cosine[s] <= 1.0 for s in STEPS[2:])
 
+    # W&B: the resumed process logs no (probe step, key) that the checkpointed run had logged:
+    # at step 8 (the checkpoint) only D(8), which needs probe 10, is new
+    pairs = [(step, key) for step, keys in result["probe_logs"] for key in keys]
+    assert len(pairs) == len(set(pairs)), "a probe metric was logged twice"
+    probe_keys = ("probe/samples/", "probe/seconds", "probe/lora/")
+    assert not [(s, k) for s, k in pairs if s <= 8 and k.startswith(probe_keys)], "probes up to 8 logged again"
+    assert not [(s, k) for s, k in pairs if s < 8 and k.startswith("probe/D/")], "D before 8 logged again"
+    assert {k for s, k in pairs if s == 8 and k.startswith("probe/D/")}, "D(8) needs probe 10: new after the resume"
+
     summary = result["summary"]
     assert summary["probe_steps"] == STEPS and summary["final_step"] == 12
     assert summary["faults"] == [] and summary["stopped_early"] is False
