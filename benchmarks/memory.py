@@ -118,12 +118,12 @@ def child(mode: str, variant: str, steps: int, threads: str) -> dict:
             snaps = cb._snapshots
             out["snapshot_bytes"] = snaps.nbytes()
             out["snapshots_kept"] = len(snaps.available())
-            traj = cb._adapter.state_dict()
+            traj = cb.engine.adapter_state()
             out["trajectory_bytes"] = sum(t.numel() * t.element_size() for t in (traj["prev"], traj["prev_delta"])
                                           if t is not None)
-            out["cross_scoring"] = cb._mode
+            out["cross_scoring"] = cb.engine.mode
             out["window"] = cb.window
-            out["probes"] = len(cb._probe_steps)
+            out["probes"] = len(cb.probe_steps)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return out

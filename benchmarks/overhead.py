@@ -94,21 +94,22 @@ HOOKS = ("on_init_end", "on_train_begin", "on_step_end", "on_log", "on_save", "o
 def instrument(timer: PhaseTimer) -> None:
     """Time the callback's hooks and its internal phases (class/module-level wraps)."""
     import em_callbacks.callback as cbmod
+    import em_callbacks.engine as engmod
     from em_callbacks.adapter_signal import AdapterTrajectory
     from em_callbacks.judges import RuleJudge
     from em_callbacks.sampling import WeightSnapshots
 
-    cls = cbmod.PhaseTransitionCallback
+    cls, engine = cbmod.PhaseTransitionCallback, engmod.ProbeEngine
     for hook in HOOKS:
         timer.wrap(cls, hook, f"hook:{hook}")
     timer.wrap(cls, "_probe", "probe")
-    timer.wrap(cls, "_sample_and_score", "sample_and_score")
-    timer.wrap(cbmod, "generate_samples", "generate")
-    timer.wrap(cbmod, "sequence_logprobs", "score")
+    timer.wrap(engine, "sample_and_score", "sample_and_score")
+    timer.wrap(engmod, "generate_samples", "generate")
+    timer.wrap(engmod, "sequence_logprobs", "score")
     timer.wrap(WeightSnapshots, "capture", "snapshot_capture")
-    timer.wrap(cls, "_record_probe", "bookkeeping")
-    timer.wrap(cls, "_collect_judgments", "collect_judgments")
-    timer.wrap(cls, "_finish", "finish")
+    timer.wrap(engine, "record", "bookkeeping")
+    timer.wrap(engine, "collect_judgments", "collect_judgments")
+    timer.wrap(engine, "finish", "finish")
     timer.wrap(AdapterTrajectory, "update", "adapter_signal")
     timer.wrap(RuleJudge, "judge_now", "judge")  # runs on the judge runner's thread
 

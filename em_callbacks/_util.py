@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from scipy import stats
 
-__all__ = ["run_blocking", "json_safe", "normal_quantile", "two_sided_z"]
+__all__ = ["run_blocking", "json_safe", "normal_quantile", "two_sided_z", "is_finite", "opt_int"]
 
 
 def run_blocking(coro_factory: Callable[[], Awaitable[Any]], thread_name: str = "em-callbacks-blocking") -> Any:
@@ -75,3 +75,16 @@ def two_sided_z(confidence_level: float) -> float:
     if not (0.0 < confidence_level < 1.0):
         raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level!r}")
     return normal_quantile(0.5 + confidence_level / 2.0)
+
+
+def is_finite(x: Any) -> bool:
+    """True for a number (or numeric string) that is neither NaN nor infinite."""
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def opt_int(x: Any) -> int | None:
+    """``int(x)`` for a finite number, else None (JSON nulls, NaN steps)."""
+    return int(x) if is_finite(x) else None

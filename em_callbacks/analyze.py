@@ -14,6 +14,7 @@ exact weights the live callback probed (tests/test_analyze.py holds this).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -24,8 +25,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from . import detect
-from .divergence import MEASURES
 from .engine import ConfigError, EngineConfig, ProbeEngine
 from .probes import ProbeSet
 from .sampling import WeightSnapshots
@@ -246,33 +245,27 @@ def analyze_checkpoints(
     out_dir: str | Path,
     *,
     base_model: str | Path | None = None,
-    probes: ProbeSet | str | Sequence[Any] = "em-first-plot",
-    samples_per_prompt: int = 16,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    order_parameters: Sequence[Any] = (),
-    judge: Any = None,
-    window: int = 1,
-    measures: Sequence[str] = MEASURES,
-    primary_measure: str = "tv",
-    batch_size: int = 64,
-    detector: detect.TransitionDetector | None = None,
     include_base: bool | None = None,
     tokenizer: Any = None,
     skip_bad: bool = False,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     wandb_mode: str = "disabled",
-    judge_drain_timeout: float = 600.0,
     progress: bool = True,
     report: bool = True,
+    **probe_options: Any,
 ) -> RunSummary:
     """Probe every checkpoint under ``paths`` in step order and write a run to ``out_dir``.
 
-    ``include_base`` adds a probe at step 0 on the model before fine-tuning (the base model;
-    for adapters the default, as the live callback probes step 0 too; for full models only
-    when ``base_model`` is given). Bad checkpoints raise :class:`CheckpointError`, or are
-    skipped with a warning and a stored event when ``skip_bad``. Returns the run's summary.
+    ``probe_options`` are the probe settings of :class:`~em_callbacks.engine.EngineConfig`
+    (``probes`` — a ProbeSet, built-in name, file or list —, ``samples_per_prompt``,
+    ``max_new_tokens``, ``seed``, ``order_parameters``, ``judge``, ``window``, ``measures``,
+    ``primary_measure``, ``batch_size``, ``detector``, ...), the same as the live callback's;
+    use the live run's values to reproduce its samples. ``include_base`` adds a probe at step
+    0 on the model before fine-tuning (for adapters the default, as the live callback probes
+    step 0 too; for full models only when ``base_model`` is given). Bad checkpoints raise
+    :class:`CheckpointError`, or are skipped with a warning and a stored event when
+    ``skip_bad``. Returns the run's summary.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     checkpoints = find_checkpoints(paths)
@@ -294,17 +287,10 @@ def analyze_checkpoints(
         if len(archs) > 1:
             names = "; ".join(f"{c.path.name}: {a}" for a, c in archs.items())
             raise CheckpointError(f"checkpoints of different architectures: {names}")
-        if window != 1:
-            raise ConfigError("full-model checkpoints keep two models resident: window must be 1")
-    try:
-        config = EngineConfig(
-            probes=ProbeSet.coerce(probes), samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-            order_parameters=tuple(order_parameters), judge=judge, window=window, measures=tuple(measures),
-            primary_measure=primary_measure, seed=seed, batch_size=batch_size,
-            detector=detector or detect.TransitionDetector(), judge_drain_timeout=judge_drain_timeout,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    config = _engine_config(probe_options)
+    window = config.window
+    if kind == "full" and window != 1:
+        raise ConfigError("full-model checkpoints keep two models resident: window must be 1")
 
     if kind == "adapter":
         bases = {c.base_model for c in good}
@@ -361,6 +347,19 @@ def analyze_checkpoints(
 
         engine.safe("report", lambda: build_report(out_dir, out_dir / "report"))
     return summary
+
+
+def _engine_config(options: dict[str, Any]) -> EngineConfig:
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown probe option(s) {unknown}; known: {sorted(known)}")
+    options = {"judge_drain_timeout": 600.0, **options}
+    try:
+        options["probes"] = ProbeSet.coerce(options.get("probes", "em-first-plot"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return EngineConfig(**options)
 
 
 def _postfix(engine: ProbeEngine) -> str:

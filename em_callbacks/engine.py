@@ -51,7 +51,6 @@ __all__ = [
     "EngineConfig",
     "ProbeEngine",
     "ProbeShard",
-    "SampleRow",
     "ScoreRow",
     "Metric",
     "StopDecision",
@@ -67,17 +66,6 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------ typed records
-class SampleRow(NamedTuple):
-    """One generated sample (a rank's share, before gathering)."""
-
-    probe_index: int
-    prompt_id: str
-    sample_idx: int
-    text: str
-    token_ids: list[int]
-    finished: bool
-
-
 class ScoreRow(NamedTuple):
     """log p_checkpoint(sample) for one sample of probe ``sample_probe``; the store's row order."""
 
@@ -103,7 +91,7 @@ class Metric(NamedTuple):
 class ProbeShard:
     """What one rank produced at one probe: its samples and every score the band needs."""
 
-    samples: list[SampleRow] = field(default_factory=list)
+    samples: list[SampleRecord] = field(default_factory=list)
     scores: list[ScoreRow] = field(default_factory=list)
     out_of_vocab: int = 0  # sampled ids the tokenizer cannot decode
 
@@ -403,7 +391,7 @@ class ProbeEngine:
             self._local_samples[k] = samples
             shard.out_of_vocab = sum(1 for ids in samples.completion_ids for t in ids if t >= self._decodable)
             shard.samples = [
-                SampleRow(k, cfg.probes[int(p)].id, int(s), text, list(ids), bool(f))
+                SampleRecord(k, cfg.probes[int(p)].id, int(s), text, list(ids), bool(f))
                 for p, s, text, ids, f in zip(samples.prompt_index, samples.sample_index, samples.texts,
                                               samples.completion_ids, samples.finished)
             ]
@@ -454,9 +442,9 @@ class ProbeEngine:
                 extra_metrics: dict[str, float]) -> StopDecision | None:
         cfg, window = self.config, self.config.window
         position = {p.id: i for i, p in enumerate(cfg.probes)}
-        samples = sorted((s for sh in shards for s in sh.samples), key=lambda r: (position[r.prompt_id], r.sample_idx))
+        records = sorted((s for sh in shards for s in sh.samples), key=lambda r: (position[r.prompt_id], r.sample_idx))
         scores = [r for sh in shards for r in sh.scores]
-        keys = [(s.prompt_id, s.sample_idx) for s in samples]
+        keys = [(r.prompt_id, r.sample_idx) for r in records]
         self._sample_keys[k] = keys
         self._history.add_samples(k, np.array([pid for pid, _ in keys]))
         by_pair: dict[tuple[int, int], dict[tuple[str, int], float]] = {}
@@ -466,7 +454,6 @@ class ProbeEngine:
             if j in self._sample_keys:
                 self._history.add_logp(j, ckpt, np.array([values[key] for key in self._sample_keys[j]]))
         self_logp = by_pair.get((k, k), {})
-        records = [SampleRecord(k, s.prompt_id, s.sample_idx, s.text, s.token_ids, s.finished) for s in samples]
 
         nan_logp = sum(1 for r in scores if not math.isfinite(r.logp))
         if nan_logp:

@@ -51,10 +51,6 @@ class ProbeHistory:
             raise ValueError("log-prob vector does not match the probe's samples")
         self.logp[(sample_probe, checkpoint_probe)] = values
 
-    def needed_checkpoints(self, sample_probe: int, current: int) -> list[int]:
-        """Checkpoints (<= current) under which ``sample_probe``'s samples must be scored."""
-        return [k for k in range(max(0, sample_probe - self.band), current + 1) if abs(k - sample_probe) <= self.band]
-
     def prune(self, current: int) -> None:
         """Forget what no future window can use."""
         oldest_needed = current - 2 * self.window + 1

@@ -44,7 +44,6 @@ class ProbeSamples:
     completion_ids: list[list[int]]  # per sample, up to and including EOS when finished
     texts: list[str]
     finished: np.ndarray  # (n,) bool, ended with EOS before max_new_tokens
-    logp: np.ndarray | None = None  # (n,) log-prob under the weights that sampled
 
     def __len__(self) -> int:
         return len(self.completion_ids)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,7 +15,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import detect
+from ._util import is_finite as _finite
 from ._util import json_safe
+from ._util import opt_int as _opt_int
 from .store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -143,17 +144,6 @@ def detector_from_config(cfg: Mapping[str, Any]) -> detect.TransitionDetector:
         except (TypeError, ValueError) as exc:
             logger.warning("em-callbacks: ignoring stored detector config %r (%s)", det_cfg, exc)
     return detect.TransitionDetector()
-
-
-def _finite(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _opt_int(x: Any) -> int | None:
-    return int(x) if _finite(x) else None
 
 
 def _replayed_state(store: RunStore, d: Mapping[str, np.ndarray]) -> tuple[detect.DetectionState, str]:
