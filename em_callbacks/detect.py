@@ -47,10 +47,6 @@ def _finite(x: Any) -> bool:
         return False
 
 
-def _opt_float(x: Any) -> float | None:
-    return None if x is None else float(x)
-
-
 def _opt_int(x: Any) -> int | None:
     return None if x is None else int(x)
 
@@ -248,6 +244,18 @@ class TransitionDetector:
         self._state.baseline_mean = mean
         self._state.baseline_std = max(spread, se_mean)
 
+    def continue_from_onset(self, onset_step: int, baseline_mean: float | None,
+                            last_pre_onset_step: int | None = None) -> None:
+        """Take a known onset (e.g. a live run's, found by another detector) and track only the
+        peak from here on: later ``update`` calls apply this detector's peak rule. Without a
+        baseline the peak is never confirmed."""
+        self.reset()
+        st = self._state
+        st.onset_step = int(onset_step)
+        st.last_pre_onset_step = None if last_pre_onset_step is None else int(last_pre_onset_step)
+        st.baseline_mean = float(baseline_mean) if _finite(baseline_mean) else None
+        self._last_step = int(onset_step) - 1
+
     def _fall_level(self) -> float:
         st = self._state
         assert st.peak_value is not None and st.baseline_mean is not None
@@ -260,7 +268,7 @@ class TransitionDetector:
         if st.peak_value is None or value > st.peak_value:
             st.peak_step, st.peak_value = int(step), float(value)
             return
-        if value < self._fall_level():
+        if st.baseline_mean is not None and value < self._fall_level():
             st.peak_confirmed = True
             st.peak_confirmed_at_step = int(step)
 
@@ -287,19 +295,19 @@ class TransitionDetector:
         value = float(value)
         se = float(stderr) if (_finite(stderr) and float(stderr) >= 0) else float("nan")
 
-        # 1. baseline window
+        # 1. after the onset: peak tracking only
+        if st.onset_step is not None:
+            self._track_peak(step, value)
+            self._last_finite_step = step
+            return self.state
+
+        # 2. baseline window
         if st.baseline_mean is None:
             self._base_values.append(value)
             if math.isfinite(se) and se >= 0:
                 self._base_stderrs.append(se)
             if len(self._base_values) >= self.baseline_probes:
                 self._finish_baseline()
-            self._last_finite_step = step
-            return self.state
-
-        # 2. after the onset: peak tracking only
-        if st.onset_step is not None:
-            self._track_peak(step, value)
             self._last_finite_step = step
             return self.state
 
@@ -504,6 +512,11 @@ class StopRule:
     def reset(self) -> None:
         """Forget everything seen so far (stateless rules: nothing to do)."""
 
+    def notes(self) -> list[str]:
+        """Facts about the run worth telling the user even though the rule did not fire
+        (e.g. an order parameter already past its threshold before training)."""
+        return []
+
     def should_stop(
         self, state: DetectionState, order_series: OrderSeries, step: int
     ) -> str | None:  # pragma: no cover - interface
@@ -565,28 +578,100 @@ class StopOnOnset(StopRule):
 
 
 class StopOnOrderParameter(StopRule):
-    """Stop once order parameter ``name`` is beyond ``threshold`` (strictly above / below) for
-    ``patience`` consecutive probes of its series (sorted by step; NaN points skipped; results
-    that arrive late are taken into account). Missing series: no stop."""
+    """Stop once order parameter ``name`` is beyond ``threshold`` for ``patience`` consecutive
+    probes of its series (sorted by step; NaN points skipped; results that arrive late are
+    taken into account). Missing series: no stop.
 
-    def __init__(self, name: str, threshold: float, direction: str = "above", patience: int = 1):
+    ``mode="change"`` (default) compares the change from the *baseline*: the value at the
+    series' first finite probe, which is the step-0 probe taken before the first optimizer
+    step. That probe is the only measurement of the model before fine-tuning, so what the
+    base model already shows (a judge flagging 8% of its answers) cannot stop training by
+    itself; averaging later probes would mix in training. ``direction="above"`` fires on
+    ``value - baseline > threshold``, ``"below"`` on ``baseline - value > threshold``
+    (``threshold >= 0``). A baseline already beyond ``threshold`` read as a level is recorded
+    (:attr:`past_threshold_at_baseline`, :meth:`notes`) so the summary can say so.
+    The earliest point known is the baseline: a step-0 result that arrives after later ones
+    replaces an earlier guess (a stop already fired stays).
+
+    ``mode="absolute"``: the value itself against ``threshold``, step 0 included (the only
+    behaviour before ``mode`` existed).
+    """
+
+    MODES = ("change", "absolute")
+
+    def __init__(self, name: str, threshold: float, direction: str = "above", patience: int = 1,
+                 mode: str = "change"):
         if direction not in ("above", "below"):
             raise ValueError(f"direction must be 'above' or 'below', got {direction!r}")
         if int(patience) < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
         if not _finite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "change" and float(threshold) < 0:
+            raise ValueError(
+                f"threshold is a change from the baseline in mode='change' and must be >= 0, got "
+                f"{threshold!r} (use direction='below' for a fall, or mode='absolute' for a level)")
         self.name = str(name)
         self.threshold = float(threshold)
         self.direction = direction
         self.patience = int(patience)
-        self._fired: str | None = None
+        self.mode = mode
+        self.reset()
 
     def reset(self) -> None:
-        self._fired = None
+        self._fired: str | None = None
+        self._baseline: tuple[int, float] | None = None
 
-    def _beyond(self, x: float) -> bool:
+    # ------------------------------------------------------------------ baseline record
+    @property
+    def baseline_step(self) -> int | None:
+        return None if self._baseline is None else self._baseline[0]
+
+    @property
+    def baseline_value(self) -> float | None:
+        return None if self._baseline is None else self._baseline[1]
+
+    @property
+    def past_threshold_at_baseline(self) -> bool | None:
+        """Whether the baseline value itself is beyond ``threshold`` (None: no baseline yet)."""
+        return None if self._baseline is None else self._beyond_level(self._baseline[1])
+
+    def notes(self) -> list[str]:
+        if not self.past_threshold_at_baseline:
+            return []
+        s, b = self._baseline  # type: ignore[misc]
+        when = "at step 0, before training" if s == 0 else f"at its first probe (step {s})"
+        text = (f"order parameter {self.name!r} was already {self.direction} {self.threshold:g} "
+                f"{when} (value {b:.4g})")
+        if self.mode == "change":
+            level = b + self.threshold if self.direction == "above" else b - self.threshold
+            text += (f"; the stop rule acts on the change from that baseline: it stops once the "
+                     f"value goes {self.direction} {level:.4g}")
+        return [text]
+
+    # ------------------------------------------------------------------ decision
+    def _beyond_level(self, x: float) -> bool:
         return x > self.threshold if self.direction == "above" else x < self.threshold
+
+    def _beyond(self, x: float, base: float) -> bool:
+        if self.mode == "absolute":
+            return self._beyond_level(x)
+        delta = x - base if self.direction == "above" else base - x
+        return delta > self.threshold
+
+    def _reason(self, s: int, x: float, step: int) -> str:
+        if self.mode == "absolute":
+            what = f"{self.direction} {self.threshold:g}"
+            value = f"value {x:.4g} at step {s}"
+        else:
+            bs, b = self._baseline  # type: ignore[misc]
+            verb = "rose" if self.direction == "above" else "fell"
+            what = f"{verb} by more than {self.threshold:g} from its baseline {b:.4g} (step {bs})"
+            value = f"value {x:.4g} at step {s}, change {x - b:+.4g}"
+        return (f"order parameter {self.name!r} {what} for {self.patience} consecutive probe(s) "
+                f"({value}); stopping at step {int(step)}")
 
     def should_stop(self, state: DetectionState, order_series: OrderSeries, step: int) -> str | None:
         if self._fired is not None:
@@ -595,25 +680,40 @@ class StopOnOrderParameter(StopRule):
         if not series:
             return None
         pts = sorted(((int(s), float(x)) for s, x in series if _finite(x)), key=lambda p: p[0])
+        if not pts:
+            return None
+        if self._baseline is None or pts[0][0] < self._baseline[0]:
+            self._baseline = pts[0]
+        base_step, base = self._baseline
         run = 0
         for s, x in pts:
-            run = run + 1 if self._beyond(x) else 0
+            if self.mode == "change" and s <= base_step:
+                continue  # the baseline is no change from itself
+            run = run + 1 if self._beyond(x, base) else 0
             if run >= self.patience:
-                self._fired = (
-                    f"order parameter {self.name!r} {self.direction} {self.threshold:g} for "
-                    f"{self.patience} consecutive probe(s) (value {x:.4g} at step {s}); "
-                    f"stopping at step {int(step)}"
-                )
+                self._fired = self._reason(s, x, step)
                 return self._fired
         return None
 
     def state_dict(self) -> dict:
         return {"type": "StopOnOrderParameter", "name": self.name, "threshold": self.threshold,
-                "direction": self.direction, "patience": self.patience, "fired": self._fired}
+                "direction": self.direction, "patience": self.patience, "mode": self.mode,
+                "fired": self._fired,
+                "baseline": None if self._baseline is None else list(self._baseline),
+                "past_threshold_at_baseline": self.past_threshold_at_baseline}
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        """Restore what was seen; the constructor's configuration is kept (a state saved
+        before ``mode`` existed was an absolute rule: warned when this one differs)."""
         super().load_state_dict(d)
+        saved_mode = d.get("mode", "absolute")
+        if saved_mode != self.mode:
+            warnings.warn(
+                f"StopOnOrderParameter({self.name!r}).load_state_dict: saved mode {saved_mode!r} "
+                f"differs from the current {self.mode!r}; keeping {self.mode!r}", stacklevel=2)
         self._fired = d.get("fired")
+        b = d.get("baseline")
+        self._baseline = (int(b[0]), float(b[1])) if b is not None and _finite(b[1]) else None
 
 
 class AnyOf(StopRule):
@@ -630,6 +730,9 @@ class AnyOf(StopRule):
     def reset(self) -> None:
         for rule in self.rules:
             rule.reset()
+
+    def notes(self) -> list[str]:
+        return [n for r in self.rules for n in r.notes()]
 
     def should_stop(self, state: DetectionState, order_series: OrderSeries, step: int) -> str | None:
         reasons = [r.should_stop(state, order_series, step) for r in self.rules]

@@ -25,15 +25,22 @@ import logging
 import math
 import re
 import sqlite3
+import textwrap
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import detect
+from ._util import is_finite as _finite
+from ._util import json_safe
 from .store import STORE_FILENAME, RunStore
+from .summary import d_series as _d_series
+from .summary import detector_from_config as _detector_from_config
+from .summary import order_names as _order_names
+from .summary import primary_measure as _primary_measure
+from .summary import store_config as _config
+from .summary import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,9 @@ __all__ = [
     "open_store",
     "RunNotFoundError",
     "REPORT_FILES",
+    "captured_resolution",
+    "judge_label",
+    "format_value",
 ]
 
 REPORT_FILES = ("overview.png", "order_parameters.png", "captured.png", "samples.md", "summary.json", "report.md")
@@ -130,83 +140,6 @@ def _as_store(store: RunStore | str | Path) -> Iterator[RunStore]:
 # ------------------------------------------------------------------------------------------
 
 
-def _finite(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _opt_int(x: Any) -> int | None:
-    return int(x) if _finite(x) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _config(store: RunStore) -> dict[str, Any]:
-    cfg = store.meta().get("config")
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def _primary_measure(store: RunStore, summary: Mapping[str, Any] | None = None) -> str:
-    names = set(store.metric_names())
-    wanted = [
-        (summary or {}).get("primary_measure"),
-        _config(store).get("primary_measure"),
-        *MEASURE_ORDER,
-    ]
-    for m in wanted:
-        if m and f"D/{m}" in names:
-            return str(m)
-    for m in wanted:
-        if m:
-            return str(m)
-    return "tv"
-
-
-def _d_series(store: RunStore, measure: str) -> dict[str, np.ndarray]:
-    """D(t) with finite values only, plus a 95% band (CI columns, else value +- 1.96 se)."""
-    s = store.metric_series(f"D/{measure}")
-    ok = np.isfinite(s["value"])
-    s = {k: v[ok] for k, v in s.items()}
-    lo, hi, se = s["ci_low"], s["ci_high"], s["stderr"]
-    band_lo = np.where(np.isfinite(lo), lo, s["value"] - _Z95 * se)
-    band_hi = np.where(np.isfinite(hi), hi, s["value"] + _Z95 * se)
-    s["band_low"], s["band_high"] = band_lo, band_hi
-    return s
-
-
-def _order_names(store: RunStore) -> list[str]:
-    names: list[str] = []
-    for op in _config(store).get("order_parameters") or []:
-        n = op.get("name") if isinstance(op, dict) else op
-        if isinstance(n, str) and n not in names:
-            names.append(n)
-    for m in store.metric_names():
-        hit = _ORDER_RE.match(m)
-        n = hit.group("name") if hit else (m.split("/", 1)[1] if m.startswith("captured/") else None)
-        if n and n not in names:
-            names.append(n)
-    for j in store.judgments():
-        if j["order_parameter"] not in names:
-            names.append(j["order_parameter"])
-    return names
-
-
 def _statements(store: RunStore) -> dict[str, str]:
     out = {}
     for op in _config(store).get("order_parameters") or []:
@@ -237,152 +170,11 @@ def _judgment_stats(store: RunStore, name: str) -> dict[int, dict[str, float]]:
 # ------------------------------------------------------------------------------------------
 
 
-def _detector_from_config(cfg: Mapping[str, Any]) -> detect.TransitionDetector:
-    det_cfg = cfg.get("detector")
-    if isinstance(det_cfg, dict):
-        try:
-            return detect.TransitionDetector(**det_cfg)
-        except (TypeError, ValueError) as exc:
-            logger.warning("em-callbacks report: ignoring stored detector config %r (%s)", det_cfg, exc)
-    return detect.TransitionDetector()
-
-
-def _peak_after(
-    steps: np.ndarray, values: np.ndarray, onset: int, baseline: float | None, fall_fraction: float
-) -> tuple[int | None, float | None, bool]:
-    """The detector's peak rule for a given onset: argmax of D from the onset until D falls
-    below ``baseline + fall_fraction * (peak - baseline)``."""
-    peak_s, peak_v = None, None
-    for s, v in zip(steps, values):
-        if s < onset:
-            continue
-        if peak_v is None or v > peak_v:
-            peak_s, peak_v = int(s), float(v)
-        elif baseline is not None and v < baseline + fall_fraction * (peak_v - baseline):
-            return peak_s, peak_v, True
-    return peak_s, peak_v, False
-
-
-def _offline(store: RunStore, measure: str) -> dict[str, Any]:
-    d = _d_series(store, measure)
-    out: dict[str, Any] = {"measure": measure, "n_points": int(d["value"].size)}
-    try:
-        out["change_points"] = detect.offline_change_points(d["step"], d["value"])
-        out["method"] = "ruptures.Pelt(model='l2'), BIC-like penalty from the noise scale"
-        out["rise_and_fall"] = detect.offline_change_points(d["step"], d["value"], n_bkps=2)
-    except Exception as exc:  # noqa: BLE001 - ruptures missing or a degenerate series
-        out["change_points"] = []
-        out["error"] = f"{type(exc).__name__}: {exc}"
-    return out
-
-
 def rebuild_summary(store: RunStore | str | Path, offline: bool = True) -> dict[str, Any]:
-    """Recompute the callback's ``summary.json`` keys from the run store alone.
-
-    Replays a :class:`~em_callbacks.detect.TransitionDetector` (the stored ``config["detector"]``
-    when present, else defaults) over D(t) of the primary measure, and combines it with the
-    stored grad norms through :func:`~em_callbacks.detect.transition_report`. When the store
-    holds an ``onset`` event from the live run whose step differs from the replay (e.g. a
-    custom detector), the live onset wins and the peak is re-derived with the detector's peak
-    rule; ``detection_source`` says which. ``offline`` adds ruptures change points of D(t).
-    """
+    """The run's ``summary.json`` keys recomputed from the run store alone (see
+    :func:`em_callbacks.summary.summarize`); ``offline`` adds ruptures change points of D(t)."""
     with _as_store(store) as st:
-        cfg = _config(st)
-        measure = _primary_measure(st)
-        d = _d_series(st, measure)
-        det = _detector_from_config(cfg)
-        for s, v, se in zip(d["step"], d["value"], d["stderr"]):
-            det.update(int(s), float(v), float(se))
-        state = det.state
-        source = "replay"
-
-        onset_events = [e for e in st.events("onset") if e["step"] is not None]
-        if onset_events:
-            live_onset = int(onset_events[-1]["step"])
-            if live_onset != state.onset_step:
-                payload = onset_events[-1]["payload"] or {}
-                baseline = payload.get("baseline_mean", state.baseline_mean)
-                peak_s, peak_v, confirmed = _peak_after(
-                    d["step"], d["value"], live_onset, baseline if _finite(baseline) else None, det.fall_fraction
-                )
-                state = replace(
-                    state,
-                    onset_step=live_onset,
-                    peak_step=peak_s if peak_s is not None else _opt_int(payload.get("peak_step")),
-                    peak_value=peak_v if peak_v is not None else payload.get("peak_value"),
-                    peak_confirmed=confirmed,
-                    last_pre_onset_step=_opt_int(payload.get("last_pre_onset_step")),
-                    baseline_mean=baseline,
-                )
-                source = "onset event (live detector) + replayed peak rule"
-            else:
-                source = "replay (agrees with the live onset event)"
-
-        gsteps, gvalues = st.grad_norms()
-        report = detect.transition_report(state, gsteps, gvalues)
-        probes = st.probes()
-        probe_steps = [int(p["step"]) for p in probes]
-        stops = st.events("early_stop")
-        stop = stops[0] if stops else None
-        faults = [_fault_entry(e) for e in st.events("fault")]
-        finite_g = gsteps[np.isfinite(gvalues)] if gvalues.size else gsteps
-        final = max([*probe_steps, *(int(x) for x in gsteps)], default=None)
-        order_names = _order_names(st)
-        summary: dict[str, Any] = {
-            **report.to_dict(),
-            "stopped_early": bool(stops),
-            "stop_step": _opt_int(stop["step"]) if stop else None,
-            "stop_reason": (stop["payload"] or {}).get("reason") if stop else None,
-            "last_pre_onset_step": _opt_int(state.last_pre_onset_step),
-            "every_n_steps": _opt_int(cfg.get("every_n_steps")),
-            "window": _opt_int(cfg.get("window")) or 1,
-            "primary_measure": measure,
-            "cross_scoring": cfg.get("cross_scoring") or (probes[-1]["cross_scoring"] if probes else None),
-            "probe_steps": probe_steps,
-            "final_step": final,
-            "peak_value": state.peak_value,
-            "faults": faults,
-            "missing_judgments": _missing_judgments(st, order_names),
-            "captured_at_peak": _captured_at(st, report.peak_step),
-            "detection_source": source,
-            "grad_norm_points": int(finite_g.size),
-            "rebuilt_from_store": True,
-        }
-        if offline:
-            summary["offline"] = _offline(st, measure)
-        return _jsonable(summary)
-
-
-def _fault_entry(event: Mapping[str, Any]) -> dict[str, Any]:
-    entry = dict(event.get("payload") or {})
-    entry.setdefault("kind", entry.get("fault", "fault"))
-    entry.setdefault("step", event.get("step"))
-    return entry
-
-
-def _missing_judgments(store: RunStore, names: Sequence[str]) -> dict[str, int]:
-    if not names:
-        return {}
-    n_samples = len(store.samples())
-    out = {}
-    for name in names:
-        ok = sum(1 for j in store.judgments(order_parameter=name) if _finite(j["score"]) and not j["error"])
-        out[name] = max(0, n_samples - ok)
-    return out
-
-
-def _probe_index_of(store: RunStore, step: int | None) -> int | None:
-    if step is None:
-        return None
-    for p in store.probes():
-        if int(p["step"]) == int(step):
-            return int(p["probe_index"])
-    return None
-
-
-def _captured_at(store: RunStore, step: int | None) -> dict[str, Any]:
-    k = _probe_index_of(store, step)
-    return {} if k is None else store.captured_at(k)
+        return summarize(st, offline=offline).to_dict()
 
 
 def _resolve_summary(store: RunStore, summary: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -477,17 +269,22 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
         fig = _figure(11, 5.6)
         ax = fig.add_subplot(1, 1, 1)
         handles = []
-        if d["value"].size:
+        clipped = bool((d["value"] < 0).any())
+        if d["value"].size:  # display copies, clipped at 0 (see _clip_d); the store keeps the raw values
+            d = {**d, "value": np.clip(d["value"], 0, None), "band_low": np.clip(d["band_low"], 0, None),
+                 "band_high": np.clip(d["band_high"], 0, None)}
             band = ax.fill_between(d["step"], d["band_low"], d["band_high"], color=C_D, alpha=0.2, lw=0,
                                    label="95% interval")
-            (line,) = ax.plot(d["step"], d["value"], "o-", color=C_D, ms=4, lw=1.8, label=f"D(t), {measure}")
+            (line,) = ax.plot(d["step"], d["value"], "o-", color=C_D, ms=4, lw=1.8,
+                              label=f"D(t), {measure}" + (f"\n({D_CLIP_NOTE})" if clipped else ""))
             handles += [line, band]
             if d["value"].size < 4:  # a band over one or two points is invisible: error bars too
                 ax.errorbar(d["step"], d["value"],
                             yerr=np.vstack([d["value"] - d["band_low"], d["band_high"] - d["value"]]).clip(min=0),
                             fmt="none", ecolor=C_D, capsize=5, lw=1.2)
             ymax = float(np.nanmax(np.concatenate([d["band_high"], d["value"]])))
-            ax.set_ylim(bottom=min(0.0, float(np.nanmin(d["band_low"]))), top=ymax * 1.12 if ymax > 0 else 1.0)
+            top = ymax * 1.12 if ymax > 0 else 1.0
+            ax.set_ylim(bottom=-0.02 * top, top=top)
             if _finite(summary.get("peak_step")) and int(summary["peak_step"]) in set(d["step"].tolist()):
                 i = int(np.where(d["step"] == int(summary["peak_step"]))[0][0])
                 ax.plot([d["step"][i]], [d["value"][i]], marker="*", ms=15, color=C_PEAK, mec="black", mew=0.6,
@@ -510,9 +307,11 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
             ax.plot(probe_steps, [0] * len(probe_steps), "|", color="#888888", ms=8, transform=ax.get_xaxis_transform(),
                     clip_on=False)
         offline = summary.get("offline") if isinstance(summary.get("offline"), dict) else {}
+        cp_label = ("offline change point (ruptures)" if summary.get("transition_detected")
+                    else "level shift found offline (ruptures), not a transition")
         for j, cp in enumerate(offline.get("change_points") or []):
             h = ax.axvline(cp, color="#999999", lw=0.8, ls=(0, (2, 2)), zorder=1,
-                           label="offline change point (ruptures)" if j == 0 else None)
+                           label=cp_label if j == 0 else None)
             if j == 0:
                 handles.append(h)
         for step, label, colour, ls in _markers(summary):
@@ -532,8 +331,10 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
         n_base = _detector_from_config(_config(st)).baseline_probes
         if summary.get("transition_detected"):
             title += "\ntransition detected"
+        elif summary.get("detection_possible") is False and d["value"].size:
+            title += "\ntoo early to detect: too few D values for the detector to decide"
         elif d["value"].size > n_base:
-            title += "\nno transition detected"
+            title += "\nno transition detected beyond noise"
         elif d["value"].size:
             title += f"\ntoo early to detect: {d['value'].size} D value(s), the baseline needs {n_base}"
         ax.set_title(title, fontsize=12)
@@ -566,7 +367,7 @@ def plot_order_parameters(store: RunStore | str | Path, path: str | Path, summar
         if not names:
             _empty_note(axes[0], "no order parameters / judge scores recorded in this run")
             axes[0].set_xlabel("training step")
-            axes[0].set_title("Order parameters over training", fontsize=12)
+            axes[0].set_title(f"Order parameters over training ({judge_label(_config(st))})", fontsize=12)
             return _save(fig, path)
         markers = [m for m in _markers(summary) if "early stop" not in m[1]]
         legend: dict[str, Any] = {}
@@ -627,7 +428,8 @@ def plot_order_parameters(store: RunStore | str | Path, path: str | Path, summar
                 ax.set_xlabel("training step")
             else:
                 ax.tick_params(labelbottom=False)
-        fig.suptitle("Order parameters over training (LLM-judge scores of the probe samples)", fontsize=12)
+        fig.suptitle(f"Order parameters over training (scores of the probe samples by {judge_label(_config(st))})",
+                     fontsize=12)
         if legend:
             fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(4, len(legend)),
                        fontsize=8.5, frameon=False)
@@ -645,8 +447,20 @@ def _score_range(values: np.ndarray) -> tuple[float | None, float | None]:
     return None, None
 
 
+def _d_at(store: RunStore, measure: str, step: int | None) -> tuple[float, float | None] | None:
+    """Raw D (and its stderr) of ``measure`` at probe ``step``; None when not measured."""
+    if step is None:
+        return None
+    s = store.metric_series(f"D/{measure}")
+    at = np.where((s["step"] == int(step)) & np.isfinite(s["value"]))[0]
+    if not at.size:
+        return None
+    se = s["stderr"][at[0]]
+    return float(s["value"][at[0]]), float(se) if np.isfinite(se) else None
+
+
 def _captured_rows(store: RunStore, step: int) -> dict[str, dict[str, Any]]:
-    k = _probe_index_of(store, step)
+    k = next((int(p["probe_index"]) for p in store.probes() if int(p["step"]) == int(step)), None)
     if k is None:
         return {}
     return {n: m for n, m in store.captured_rows(k).items() if _finite(m["value"])}
@@ -661,7 +475,8 @@ def plot_captured(
     """Bars of the fraction r_O of D captured by each order parameter at ``step`` (default:
     the D peak; when the peak probe has no decomposition yet, the nearest probe that has
     one), with 95% error bars and a dashed line at 1 (all of the change). Values are never
-    clipped: r_O > 1 is estimation noise and shows as such."""
+    clipped: r_O > 1 is estimation noise and shows as such. A ratio whose full D is within its
+    noise (:func:`captured_resolution`) is no share of anything: no bar, "unresolved" and why."""
     with _as_store(store) as st:
         summary = _resolve_summary(st, summary)
         probe_steps = [int(p["step"]) for p in st.probes()]
@@ -687,33 +502,48 @@ def plot_captured(
         else:
             note = "requested step"
         rows = _captured_rows(st, int(chosen)) if chosen is not None else {}
+        measure = _primary_measure(st, summary)
+        d_at = _d_at(st, measure, chosen)
+        status = {n: captured_resolution(m, *(d_at or (None, None))) for n, m in rows.items()}
         fig = _figure(max(6.5, 1.6 + 1.3 * len(rows)), 4.8)
         ax = fig.add_subplot(1, 1, 1)
         ax.axhline(1.0, color="black", ls="--", lw=1.2, label="1 = all of the change in D")
         ax.axhline(0.0, color="#888888", lw=0.8)
         if rows:
             names = list(rows)
+            x = np.arange(len(names))
+            # an unresolved ratio (full D within its noise) is no share: no bar, the reason instead
+            res = np.array([status[n][0] is not False for n in names])
             vals = np.array([float(rows[n]["value"]) for n in names])
             lo = np.array([rows[n]["ci_low"] if _finite(rows[n]["ci_low"]) else np.nan for n in names], dtype=float)
             hi = np.array([rows[n]["ci_high"] if _finite(rows[n]["ci_high"]) else np.nan for n in names], dtype=float)
             se = np.array([rows[n]["stderr"] if _finite(rows[n]["stderr"]) else np.nan for n in names], dtype=float)
             lo = np.where(np.isfinite(lo), lo, vals - _Z95 * se)
             hi = np.where(np.isfinite(hi), hi, vals + _Z95 * se)
-            err = np.vstack([np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)]).clip(min=0)
-            x = np.arange(len(names))
-            ax.bar(x, vals, yerr=err, color=C_D, alpha=0.8, capsize=6, ecolor="black", width=0.6,
-                   label="captured fraction r_O (95% CI)")
             floors = np.array([(rows[n].get("extra") or {}).get("noise_floor", np.nan) for n in names], dtype=float)
+            floors = np.where(res, floors, np.nan)
+            if res.any():
+                err = np.vstack([np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)]).clip(min=0)
+                ax.bar(x[res], vals[res], yerr=err[:, res], color=C_D, alpha=0.8, capsize=6, ecolor="black",
+                       width=0.6, label="captured fraction r_O (95% CI)")
             if np.isfinite(floors).any():
                 ok = np.isfinite(floors)
                 ax.hlines(floors[ok], x[ok] - 0.34, x[ok] + 0.34, colors="#c0392b", linestyles=(0, (2, 1.5)), lw=2,
                           label="noise floor: r_O of an order parameter that did not change")
-            for xi, v, h in zip(x, vals, hi):
-                top = h if np.isfinite(h) else v
-                ax.text(xi, max(top, v) + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+            for xi, v, h, ok, n in zip(x, vals, hi, res, names):
+                if ok:
+                    top = h if np.isfinite(h) else v
+                    ax.text(xi, max(top, v) + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=9)
+                else:
+                    why = textwrap.fill(status[n][1] or "", width=24, break_on_hyphens=False)
+                    ax.text(xi, 0.5, f"unresolved\n{why}", ha="center", va="center", fontsize=7.5, color="#555555",
+                            bbox={"boxstyle": "round", "fc": "#f4f4f4", "ec": "#cccccc"})
             ax.set_xticks(x, names)
-            ymax = float(np.nanmax(np.concatenate([hi[np.isfinite(hi)], vals, floors[np.isfinite(floors)], [1.0]])))
-            ymin = float(np.nanmin(np.concatenate([lo[np.isfinite(lo)], vals, [0.0]])))
+            ax.set_xlim(-0.6, len(names) - 0.4)  # unresolved columns have no bar to span them
+            shown_hi = hi[res & np.isfinite(hi)]
+            shown_lo = lo[res & np.isfinite(lo)]
+            ymax = float(np.nanmax(np.concatenate([shown_hi, vals[res], floors[np.isfinite(floors)], [1.0]])))
+            ymin = float(np.nanmin(np.concatenate([shown_lo, vals[res], [0.0]])))
             ax.set_ylim(min(0.0, ymin - 0.05), max(1.15, ymax + 0.15))
             # below the axes: inside, the legend hides a tall bar's value label
             fig.legend(loc="outside lower center", ncol=2 if len(ax.get_legend_handles_labels()[0]) < 3 else 1,
@@ -726,12 +556,10 @@ def plot_captured(
         ax.set_ylabel("captured fraction r_O = D[order param.] / D")
         ax.set_xlabel("order parameter")
         where = f"step {chosen}" if chosen is not None else "no step"
-        if chosen is not None:
-            measure = _primary_measure(st, summary)
-            d = _d_series(st, measure)
-            at = np.where(d["step"] == int(chosen))[0]
-            if at.size:
-                where += f", D_{measure} = {d['value'][at[0]]:.3g}"
+        if d_at is not None:
+            where += f", D_{measure} = {_clip_d(d_at[0]):.3g}"
+            if d_at[0] < 0:
+                where += " (estimator noise below 0; raw value kept in the store)"
         ax.set_title(f"Share of the distribution change explained by each order parameter\n{where}"
                      + (f" ({note})" if note else ""), fontsize=11)
         ax.grid(True, axis="y", alpha=0.3)
@@ -838,7 +666,7 @@ def example_samples(
         before.update(step=steps[before_i], label=before_label)
         after.update(step=steps[after_i], label=after_label)
         out["before"], out["after"] = before, after
-        out = _jsonable(out)
+        out = json_safe(out)
         if path is not None:
             write_samples_markdown(out, path)
         return out
@@ -855,9 +683,11 @@ def write_samples_markdown(examples: Mapping[str, Any], path: str | Path) -> Pat
     """Render :func:`example_samples` output as markdown."""
     lines = ["# Example samples", ""]
     if examples.get("transition_detected"):
-        lines.append(f"Transition onset at step {examples.get('onset_step')}, D peak at step {examples.get('peak_step')}.")
+        onset, peak = examples.get("onset_step"), examples.get("peak_step")
+        lines.append(f"Transition onset at step {format_value(onset)}"
+                     + (f", D peak at step {format_value(peak)}." if _finite(peak) else "."))
     else:
-        lines.append("No transition detected: first probe vs last probe.")
+        lines.append("No transition onset to compare around: first probe vs last probe.")
     lines.append("")
     for key, title in (("before", "Before"), ("after", "After")):
         side = examples.get(key)
@@ -889,89 +719,262 @@ def write_samples_markdown(examples: Mapping[str, Any], path: str | Path) -> Pat
 # ------------------------------------------------------------------------------------------
 
 
+def judge_label(cfg: Mapping[str, Any]) -> str:
+    """Who scored the samples, from the stored run config (``config["judge"]``), for titles:
+    a rule judge is no LLM, and the reader must know which judge they look at."""
+    judge = cfg.get("judge")
+    if isinstance(judge, str) and judge:
+        return "rule-based judge" if judge == "RuleJudge" else f"judge {judge}"
+    if not isinstance(judge, Mapping):
+        return "the judge"
+    kind, model, name = judge.get("type"), judge.get("model"), judge.get("name")
+    if kind == "RuleJudge":
+        return f"rule-based judge {name!r}" if name else "rule-based judge"
+    if model:
+        return f"LLM judge {model}"
+    return f"judge {kind}" if kind else "the judge"
+
+
+def _opt_float(x: Any) -> float | None:
+    return float(x) if _finite(x) else None
+
+
+def captured_resolution(
+    entry: Mapping[str, Any], d_full: float | None = None, d_full_stderr: float | None = None
+) -> tuple[bool | None, str | None]:
+    """``(resolved, why_unresolved)`` of one captured fraction r_O = D_O / D.
+
+    A ratio over a full D that is itself within its noise is noise, whatever number it reads
+    (6.57 of "nothing"). ``entry``: a ``captured/<name>`` metrics row (``value``, ``stderr``,
+    ``extra``) or a summary entry. The decomposition's own ``resolved`` / ``why_unresolved``
+    win; stores written before it recorded them: unresolved when the full D
+    (``d_full``/``d_full_stderr``, else ``d_full`` in the entry) is below 2 standard errors,
+    or r_O exceeds 1 by more than 2 standard errors. ``(None, None)``: no estimate to judge.
+    """
+    extra = entry.get("extra") if isinstance(entry.get("extra"), Mapping) else {}
+    flag = entry.get("resolved", extra.get("resolved"))
+    why = entry.get("why_unresolved", extra.get("why_unresolved"))
+    if flag is not None:
+        return (True, None) if flag else (False, str(why or "the full D is within its noise"))
+    if d_full is None:
+        full = entry.get("d_full", extra.get("d_full"))
+        if isinstance(full, Mapping):
+            d_full, d_full_stderr = _opt_float(full.get("value")), _opt_float(full.get("stderr"))
+        else:
+            d_full = _opt_float(full)
+    d, d_se = _opt_float(d_full), _opt_float(d_full_stderr)
+    if d is not None and d_se is not None and d < 2 * d_se:
+        return False, f"the full D ({_clip_d(d):.3g} +- {d_se:.2g}) is within noise"
+    v, se = _opt_float(entry.get("value")), _opt_float(entry.get("stderr"))
+    if v is None:
+        return None, None
+    if se is not None and v > 1 + 2 * se:
+        return False, f"r_O = {v:.3g} +- {se:.2g} is above 1 beyond its noise: the full D is too noisy to divide by"
+    return True, None
+
+
+def _clip_d(x: Any) -> float:
+    """D for display: an unbiased estimator can dip below 0 where nothing changed; a
+    dissimilarity cannot. The store keeps the raw value."""
+    return max(float(x), 0.0)
+
+
+D_CLIP_NOTE = "values below 0 (estimator noise) shown as 0; raw value kept in the store"
+
+
 def format_value(x: Any) -> str:
-    """A summary value for tables and plots: '-' for missing, yes/no, 4 significant digits."""
+    """A summary value for tables and plots: '-' for missing (None, NaN), yes/no, 4
+    significant digits. Never "None" or "nan" in front of a reader."""
     if x is None:
         return "-"
-    if isinstance(x, bool):
+    if isinstance(x, (bool, np.bool_)):
         return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.4g}"
+    if isinstance(x, (float, np.floating)):
+        return f"{float(x):.4g}" if math.isfinite(float(x)) else "-"
     return str(x)
 
 
-def _report_markdown(summary: Mapping[str, Any], files: Mapping[str, str], run_dir: Path, rebuilt: bool) -> str:
-    rows = [
-        ("Transition detected", summary.get("transition_detected")),
-        ("Onset step", summary.get("onset_step")),
-        ("Last probe before onset", summary.get("last_pre_onset_step")),
-        ("D peak step", summary.get("peak_step")),
-        ("D peak value", summary.get("peak_value")),
-        ("Peak confirmed", summary.get("peak_confirmed")),
-        ("Grad-norm peak step", summary.get("grad_norm_peak_step")),
-        ("Lag: onset - grad-norm peak (steps)", summary.get("lag_onset_minus_grad_peak")),
-        ("Lag: D peak - grad-norm peak (steps)", summary.get("lag_peak_minus_grad_peak")),
-        ("Stopped early", summary.get("stopped_early")),
-        ("Stop step", summary.get("stop_step")),
+def _steps_text(steps: Sequence[Any]) -> str:
+    return ", ".join(str(int(c)) for c in steps if _finite(c))
+
+
+def _verdict_lines(summary: Mapping[str, Any], facts: Mapping[str, Any]) -> list[str]:
+    """The report's opening sentences: what was and was not found, in words."""
+    onset, peak = summary.get("onset_step"), summary.get("peak_step")
+    n_d, n_base = facts.get("n_d"), facts.get("baseline_probes")
+    out = []
+    if summary.get("transition_detected") and _finite(onset):
+        text = f"**A behavioural transition was detected**: D(t) left its baseline at step {int(onset)}"
+        if _finite(peak):
+            text += f" and peaked at step {int(peak)}"
+            if not summary.get("peak_confirmed"):
+                text += " (provisional: D had not fallen back by the last probe)"
+        out.append(text + ".")
+        g, lag = summary.get("grad_norm_peak_step"), summary.get("lag_onset_minus_grad_peak")
+        if _finite(g):
+            out.append(f"The gradient norm peaked at step {int(g)}"
+                       + (f" (onset - grad-norm peak = {int(lag):+d} steps)." if _finite(lag) else "."))
+    elif summary.get("detection_possible") is False or (
+            "transition_detected" in summary and summary["transition_detected"] is None):
+        note = summary.get("detection_note") or "too few D values for the detector to decide"
+        out.append(f"**Too early to tell**: {note}.")
+    elif _finite(n_d) and _finite(n_base) and int(n_d) <= int(n_base):
+        out.append(f"**Too early to tell**: {int(n_d)} D value(s) so far; the detector's baseline needs "
+                   f"{int(n_base)} before it can see a rise.")
+    else:
+        out.append("**No transition detected**: D(t) never rose beyond the noise of its baseline"
+                   + (f" over {int(n_d)} D values." if _finite(n_d) else "."))
+    if summary.get("stopped_early"):
+        stop, reason = summary.get("stop_step"), summary.get("stop_reason")
+        out.append("Training stopped early" + (f" at step {int(stop)}" if _finite(stop) else "")
+                   + (f": {reason}" if reason else "") + ".")
+    for note in summary.get("stop_rule_notes") or []:
+        out.append(f"Note: {note}.")
+    return out
+
+
+def _report_markdown(
+    summary: Mapping[str, Any],
+    files: Mapping[str, str],
+    run_dir: Path,
+    rebuilt: bool,
+    facts: Mapping[str, Any] | None = None,
+) -> str:
+    """``facts``: what the summary alone does not say, read from the store by
+    :func:`build_report` (judge label, negative D values, captured-fraction resolution)."""
+    facts = facts or {}
+    detected = bool(summary.get("transition_detected"))
+    neg = facts.get("d_negative") or (0, None)
+    peak_value = summary.get("peak_value")
+    peak_text = format_value(peak_value)
+    if _finite(peak_value) and float(peak_value) < 0:
+        peak_text = f"{_clip_d(peak_value):.4g} \u2020"
+    undecided = "transition_detected" in summary and summary["transition_detected"] is None
+    rows: list[tuple[str, Any]] = [("Transition detected", "undecided (too few D values)" if undecided else detected)]
+    if detected:
+        rows += [
+            ("Onset step", summary.get("onset_step")),
+            ("Last probe before onset", summary.get("last_pre_onset_step")),
+            ("D peak step", summary.get("peak_step")),
+            ("D peak value", peak_text),
+            ("Peak confirmed", summary.get("peak_confirmed")),
+        ]
+    rows.append(("Grad-norm peak step", summary.get("grad_norm_peak_step")))
+    if detected:
+        rows += [
+            ("Lag: onset - grad-norm peak (steps)", summary.get("lag_onset_minus_grad_peak")),
+            ("Lag: D peak - grad-norm peak (steps)", summary.get("lag_peak_minus_grad_peak")),
+        ]
+    rows.append(("Stopped early", summary.get("stopped_early")))
+    if summary.get("stopped_early"):
+        rows.append(("Stop step", summary.get("stop_step")))
+    rows += [
         ("Primary measure", summary.get("primary_measure")),
+        ("Judge", facts.get("judge")),
         ("Probe every n steps", summary.get("every_n_steps")),
         ("Probes", len(summary.get("probe_steps") or [])),
     ]
     if "crossing_step" in summary:
-        rows.append(("Crossing step (organism)", summary.get("crossing_step")))
+        c = summary.get("crossing_step")
+        rows.append(("Crossing step (organism)", c if _finite(c) else "never crossed 50%"))
     lines = [
         "# Phase-transition report",
         "",
         f"Run store: `{run_dir}`" + ("  (summary rebuilt from the store: the run did not write one)" if rebuilt else ""),
         "",
+        " ".join(_verdict_lines(summary, facts)),
+        "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {format_value(v)} |" for k, v in rows],
+        *[f"| {k} | {format_value(v)} |" for k, v in rows if k != "Judge" or v],
         "",
     ]
+    if neg[0]:
+        mark = "\u2020 " if peak_text.endswith("\u2020") else ""
+        lines += [f"{mark}D(t) ({summary.get('primary_measure')}) read below 0 at {neg[0]} probe(s) (lowest "
+                  f"{neg[1]:.2g}): an unbiased estimator dips below zero where nothing changed. Tables and plots "
+                  "show 0; the raw value is kept in the store.", ""]
     off = summary.get("offline") or {}
     if off:
-        cps = off.get("change_points") or []
-        lines += [
-            "## Offline change points",
-            "",
-            f"D(t) ({off.get('measure')}), {off.get('method', 'ruptures')}: "
-            + (", ".join(f"step {c}" for c in cps) if cps else "none"),
-            "",
-        ]
-        if off.get("rise_and_fall"):
-            lines += ["Two-change-point fit (rise and fall): " + ", ".join(f"step {c}" for c in off["rise_and_fall"]), ""]
+        cps = [c for c in off.get("change_points") or [] if _finite(c)]
+        method = off.get("method") or "ruptures"
+        measure = off.get("measure") or summary.get("primary_measure") or "D"
+        lines += ["## Offline change points", ""]
+        if detected:
+            lines += [f"D(t) ({measure}), {method}: "
+                      + (", ".join(f"step {int(c)}" for c in cps) if cps else "none"), ""]
+            if off.get("rise_and_fall"):
+                lines += ["Two-change-point fit (rise and fall): "
+                          + ", ".join(f"step {int(c)}" for c in off["rise_and_fall"] if _finite(c)), ""]
+        elif cps:
+            lines += [f"Offline, ruptures found level shifts in D(t) ({measure}) at steps {_steps_text(cps)}; "
+                      "the online detector found no transition beyond noise, so read them as shifts of a noisy "
+                      f"baseline, not as a phase transition (method: {method}).", ""]
+        elif not off.get("error"):
+            lines += [f"Offline, ruptures found no level shift in D(t) ({measure}) either (method: {method}).", ""]
         if off.get("error"):
             lines += [f"(offline analysis failed: {off['error']})", ""]
     cap = summary.get("captured_at_peak") or {}
     if cap:
+        status = facts.get("captured_status") or {}
         lines += ["## Captured fraction at the D peak", "",
-                  "The noise floor is what r_O reads for an order parameter that did not change at all.", "",
-                  "| order parameter | r_O | stderr | noise floor |", "|---|---|---|---|"]
-        lines += [f"| {k} | {format_value(v.get('value'))} | {format_value(v.get('stderr'))} | "
-                  f"{format_value(v.get('noise_floor'))} |" for k, v in cap.items()]
+                  "The noise floor is what r_O reads for an order parameter that did not change at all. "
+                  "A ratio whose full D is within its noise is shown as unresolved: it is no share of anything.",
+                  "", "| order parameter | r_O | stderr | noise floor |", "|---|---|---|---|"]
+        for k, v in cap.items():
+            v = v if isinstance(v, Mapping) else {}
+            resolved, why = status.get(k) or captured_resolution(v)
+            if resolved is False:
+                lines.append(f"| {k} | unresolved: {why} | - | - |")
+            else:
+                lines.append(f"| {k} | {format_value(v.get('value'))} | {format_value(v.get('stderr'))} | "
+                             f"{format_value(v.get('noise_floor'))} |")
         lines.append("")
+    judge = facts.get("judge") or "the judge"
     lines += [
         "## Plots",
         "",
         f"![D(t) and gradient norm]({files['overview']})",
         "",
-        f"![Order parameters]({files['order_parameters']})",
+        f"![Order parameters scored by {judge}]({files['order_parameters']})",
         "",
         f"![Captured fraction]({files['captured']})",
         "",
         "## Files",
         "",
-        f"- [example samples before / after the transition]({files['samples']})",
+        f"- [example samples {'before / after the transition' if detected else 'from the first and last probe'}]"
+        f"({files['samples']})",
         f"- [summary.json]({files['summary']})",
         "",
     ]
     faults = summary.get("faults") or []
     if faults:
         lines += ["## Faults recorded during the run", ""]
-        lines += [f"- step {f.get('step')}: {f.get('kind')}" for f in faults[:50] if isinstance(f, dict)]
+        for f in faults[:50]:
+            if isinstance(f, dict):
+                kind = f.get("kind") or f.get("fault") or "fault"
+                lines.append(f"- step {int(f['step'])}: {kind}" if _finite(f.get("step")) else f"- {kind}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _report_facts(store: RunStore, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What the report states beyond the summary, read from the store."""
+    cfg = _config(store)
+    measure = str(summary.get("primary_measure") or _primary_measure(store, summary))
+    d = store.metric_series(f"D/{measure}")["value"]
+    d = d[np.isfinite(d)]
+    negative = d[d < 0]
+    d_at = _d_at(store, measure, summary.get("peak_step") if _finite(summary.get("peak_step")) else None)
+    cap = summary.get("captured_at_peak") or {}
+    return {
+        "judge": judge_label(cfg) if cfg.get("judge") else None,
+        "n_d": int(d.size),
+        "baseline_probes": _detector_from_config(cfg).baseline_probes,
+        "d_negative": (int(negative.size), float(negative.min()) if negative.size else None),
+        "captured_status": {k: captured_resolution(v, *(d_at or (None, None)))
+                            for k, v in cap.items() if isinstance(v, Mapping)},
+    }
 
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -1004,7 +1007,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
                 if k not in summary and k != "offline":
                     summary[k] = v
             was_rebuilt = False
-        summary = _jsonable(summary)
+        summary = json_safe(summary)
         files = {
             "overview": plot_overview(st, out / "overview.png", summary=summary),
             "order_parameters": plot_order_parameters(st, out / "order_parameters.png", summary=summary),
@@ -1016,7 +1019,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         files["summary"].write_text(json.dumps(summary, indent=2))
         rel = {k: Path(v).name for k, v in files.items()}
         files["report"] = out / "report.md"
-        files["report"].write_text(_report_markdown(summary, rel, store_path, was_rebuilt))
+        facts = _report_facts(st, summary)
+        files["report"].write_text(_report_markdown(summary, rel, store_path, was_rebuilt, facts))
     return {
         "run_dir": str(store_path.parent),
         "out_dir": str(out),

@@ -13,16 +13,27 @@ import re
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["RunStore", "scrub_secrets", "STORE_FILENAME"]
+__all__ = ["RunStore", "scrub_secrets", "STORE_FILENAME", "archive_previous_run", "RUN_FILES", "ARCHIVE_DIRNAME"]
 
 STORE_FILENAME = "run.sqlite"
+# What one run leaves in its run directory: the store with SQLite's side files, the summary,
+# the callback's overview plot and the report (``report.REPORT_FILES``, next to the store or
+# in ``report/``). Only these move when a run is archived: the directory may hold other things
+# (the demo's trainer/ and wandb/ folders).
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+RUN_FILES = (
+    STORE_FILENAME, *(STORE_FILENAME + x for x in _SQLITE_SIDE_FILES), "summary.json",
+    "overview.png", "order_parameters.png", "captured.png", "samples.md", "report.md", "report",
+)
+ARCHIVE_DIRNAME = "previous"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -173,10 +184,6 @@ class RunStore:
             self._insert_logprobs(c, logprobs)
             self._insert_metrics(c, probe_index, step, metrics)
 
-    def write_logprobs(self, rows: Iterable[tuple[int, str, int, int, float]]) -> None:
-        with self.transaction() as c:
-            self._insert_logprobs(c, rows)
-
     def write_metrics(self, probe_index: int, step: int, metrics: Iterable[tuple]) -> None:
         with self.transaction() as c:
             self._insert_metrics(c, probe_index, step, metrics)
@@ -312,10 +319,16 @@ class RunStore:
                 if name.startswith("captured/")}
 
     def captured_at(self, probe_index: int) -> dict[str, dict[str, Any]]:
-        """{order parameter: {value, stderr, noise_floor}} of the captured fractions at a probe."""
-        return {name: {"value": m["value"], "stderr": m["stderr"],
-                       "noise_floor": (m["extra"] or {}).get("noise_floor")}
-                for name, m in self.captured_rows(probe_index).items()}
+        """{order parameter: {value, stderr, noise_floor[, resolved, why_unresolved]}} of the
+        captured fractions at a probe; ``resolved`` when the decomposition recorded it (a ratio
+        over a full D within its noise is no share of anything, and readers must say so)."""
+        out = {}
+        for name, m in self.captured_rows(probe_index).items():
+            extra = m["extra"] or {}
+            out[name] = {"value": m["value"], "stderr": m["stderr"], "noise_floor": extra.get("noise_floor")}
+            if "resolved" in extra:
+                out[name].update(resolved=extra["resolved"], why_unresolved=extra.get("why_unresolved"))
+        return out
 
     def judgments(self, order_parameter: str | None = None, probe_index: int | None = None) -> list[dict[str, Any]]:
         clauses, args = [], []
@@ -356,3 +369,62 @@ class RunStore:
             {"step": s, "kind": k, "payload": json.loads(p), "created_at": t}
             for s, k, p, t in self._rows(sql + " ORDER BY id", args)
         ]
+
+
+# --------------------------------------------------------------------------------------------
+# Archiving a previous run
+# --------------------------------------------------------------------------------------------
+
+
+def _run_started_at(run_dir: Path, present: Sequence[Path]) -> float:
+    """When the previous run started: its first probe or event in the store, else the oldest
+    modification time of its files."""
+    store = run_dir / STORE_FILENAME
+    if store.is_file():
+        try:
+            with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5.0)) as conn:
+                times = [r[0] for table in ("probes", "events")
+                         for r in conn.execute(f"SELECT MIN(created_at) FROM {table}") if r[0] is not None]
+            if times:
+                return float(min(times))
+        except sqlite3.Error:
+            pass  # not a store we can read (corrupt, foreign): the file times will do
+    return min(p.stat().st_mtime for p in present)
+
+
+def archive_previous_run(run_dir: str | Path) -> Path | None:
+    """Move a previous run's files out of ``run_dir`` so a new run cannot overwrite them.
+
+    A previous run is a ``run.sqlite`` or a ``summary.json`` in ``run_dir``. Its files
+    (:data:`RUN_FILES`: the store with its ``-wal``/``-shm`` side files, which hold committed
+    data not yet checkpointed, the summary, plots and report) move to
+    ``run_dir/previous/<UTC start time>/`` (``YYYYmmddTHHMMSSZ`` of the old run's first probe;
+    ``-2``, ``-3`` ... when taken). A child folder rather than a sibling: the report's
+    ``find_store(output_dir)`` looks one level down and would then see two runs. Other files in
+    ``run_dir`` stay. Close the old run's :class:`RunStore` first. Returns the archive folder,
+    or None when there was nothing to archive.
+    """
+    run_dir = Path(run_dir)
+    if not ((run_dir / STORE_FILENAME).is_file() or (run_dir / "summary.json").is_file()):
+        return None
+    present = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    started = _run_started_at(run_dir, present)
+    stamp = datetime.fromtimestamp(started, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    parent = run_dir / ARCHIVE_DIRNAME
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        dest = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            dest.mkdir()  # atomic claim: never reuses an existing archive
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 10k runs started within one second
+        raise FileExistsError(f"no free archive folder for {stamp} under {parent}")
+    # side files exist only while a connection is open or after a crash; the names are
+    # re-listed here because reading the start time may have created a -shm
+    for name in RUN_FILES:
+        src = run_dir / name
+        if src.exists():
+            src.rename(dest / name)
+    return dest

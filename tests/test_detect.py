@@ -409,8 +409,8 @@ def test_stop_on_onset_patience():
         StopOnOnset(patience=-1)
 
 
-def test_stop_on_order_parameter_direction_patience_nan_and_late_results():
-    rule = StopOnOrderParameter("misaligned", threshold=0.3, patience=2)
+def test_stop_on_order_parameter_absolute_direction_patience_nan_and_late_results():
+    rule = StopOnOrderParameter("misaligned", threshold=0.3, patience=2, mode="absolute")
     series = {"misaligned": [(0, 0.1), (25, 0.35), (50, 0.2), (75, 0.4)]}
     assert rule.should_stop(_st(4), series, 75) is None
     series["misaligned"].append((100, float("nan")))  # judge failure: skipped
@@ -420,16 +420,16 @@ def test_stop_on_order_parameter_direction_patience_nan_and_late_results():
     assert reason and "misaligned" in reason and "above" in reason
     assert rule.should_stop(_st(7), {"misaligned": []}, 150) == reason  # sticky
     # results arriving out of order are sorted by step
-    rule = StopOnOrderParameter("aligned", threshold=50, direction="below", patience=2)
+    rule = StopOnOrderParameter("aligned", threshold=50, direction="below", patience=2, mode="absolute")
     assert rule.should_stop(_st(3), {"aligned": [(50, 40.0), (0, 90.0)]}, 50) is None
     assert rule.should_stop(_st(3), {"aligned": [(50, 40.0), (0, 90.0), (25, 45.0)]}, 50)
     # missing series, exact threshold is not beyond it
-    rule = StopOnOrderParameter("x", threshold=0.5, patience=1)
+    rule = StopOnOrderParameter("x", threshold=0.5, patience=1, mode="absolute")
     assert rule.should_stop(_st(1), {}, 0) is None
     assert rule.should_stop(_st(1), {"x": [(0, 0.5)]}, 0) is None
     assert rule.should_stop(_st(1), {"x": [(0, 0.51)]}, 0)
     sd = json.loads(json.dumps(rule.state_dict()))
-    fresh = StopOnOrderParameter("x", threshold=0.5, patience=1)
+    fresh = StopOnOrderParameter("x", threshold=0.5, patience=1, mode="absolute")
     fresh.load_state_dict(sd)
     assert fresh.should_stop(_st(2), {}, 25)
     with pytest.raises(ValueError):
@@ -438,11 +438,86 @@ def test_stop_on_order_parameter_direction_patience_nan_and_late_results():
         StopOnOrderParameter("x", 0.5, patience=0)
 
 
+def test_stop_on_order_parameter_acts_on_the_change_from_the_step0_baseline():
+    """Issue #13: a judge flagging 7.8% of the base model's answers at step 0 must not stop a
+    rule of 0.05 at the first probe; the change from that baseline must."""
+    rule = StopOnOrderParameter("aligned/flagged_rate", 0.05)
+    assert rule.mode == "change"
+    series = {"aligned/flagged_rate": [(0, 0.078)]}
+    assert rule.should_stop(_st(1), series, 0) is None
+    assert rule.baseline_step == 0 and rule.baseline_value == 0.078
+    assert rule.past_threshold_at_baseline is True
+    (note,) = rule.notes()
+    assert "already above 0.05 at step 0" in note and "0.078" in note and "0.128" in note
+    series["aligned/flagged_rate"] += [(5, 0.1), (10, 0.125)]  # +0.022, +0.047: within 0.05
+    assert rule.should_stop(_st(3), series, 10) is None
+    series["aligned/flagged_rate"].append((15, 0.25))  # +0.172
+    reason = rule.should_stop(_st(4), series, 15)
+    assert reason == ("order parameter 'aligned/flagged_rate' rose by more than 0.05 from its baseline 0.078 "
+                      "(step 0) for 1 consecutive probe(s) (value 0.25 at step 15, change +0.172); "
+                      "stopping at step 15")
+    # the old behaviour, explicitly: fires on the measurement before training
+    old = StopOnOrderParameter("aligned/flagged_rate", 0.05, mode="absolute")
+    assert "value 0.078 at step 0" in old.should_stop(_st(1), {"aligned/flagged_rate": [(0, 0.078)]}, 5)
+    assert old.past_threshold_at_baseline is True and "acts on the change" not in old.notes()[0]
+
+
+def test_stop_on_order_parameter_change_below_patience_nan_baseline_and_late_step0():
+    # a fall of more than 20 points, twice in a row; NaN points are skipped
+    rule = StopOnOrderParameter("aligned", 20, direction="below", patience=2)
+    series = {"aligned": [(0, 90.0), (10, 75.0), (20, 65.0), (30, float("nan"))]}
+    assert rule.should_stop(_st(4), series, 30) is None  # -15, -25: one probe beyond
+    assert rule.past_threshold_at_baseline is False and rule.notes() == []
+    series["aligned"].append((40, 60.0))  # -30: second in a row (the NaN does not break it)
+    assert "fell by more than 20 from its baseline 90" in rule.should_stop(_st(5), series, 40)
+    # a NaN first probe: the first finite one is the baseline
+    rule = StopOnOrderParameter("x", 0.1)
+    assert rule.should_stop(_st(2), {"x": [(0, float("nan")), (10, 0.3)]}, 10) is None
+    assert rule.baseline_step == 10
+    # a step-0 result arriving after later ones replaces the provisional baseline
+    rule = StopOnOrderParameter("x", 0.1)
+    assert rule.should_stop(_st(2), {"x": [(10, 0.3), (20, 0.35)]}, 20) is None  # baseline 0.3 (step 10)
+    assert rule.baseline_step == 10
+    assert rule.should_stop(_st(2), {"x": [(10, 0.3), (20, 0.35), (0, 0.3)]}, 20) is None
+    assert rule.baseline_step == 0
+    assert rule.should_stop(_st(3), {"x": [(0, 0.3), (10, 0.3), (20, 0.35), (30, 0.45)]}, 30)
+    # the change threshold is a magnitude
+    with pytest.raises(ValueError, match="change"):
+        StopOnOrderParameter("x", -0.1)
+    StopOnOrderParameter("x", -0.1, mode="absolute")
+    with pytest.raises(ValueError, match="mode"):
+        StopOnOrderParameter("x", 0.1, mode="relative")
+
+
+def test_stop_on_order_parameter_state_dict_keeps_the_baseline():
+    rule = StopOnOrderParameter("x", 0.1)
+    assert rule.should_stop(_st(2), {"x": [(0, 0.2), (10, 0.25)]}, 10) is None
+    sd = json.loads(json.dumps(rule.state_dict()))
+    assert sd["baseline"] == [0, 0.2] and sd["mode"] == "change" and sd["past_threshold_at_baseline"] is True
+    fresh = StopOnOrderParameter("x", 0.1)
+    fresh.load_state_dict(sd)
+    assert fresh.baseline_step == 0 and fresh.baseline_value == 0.2
+    # a series that lost its head (e.g. restored without step 0) still compares with step 0's value
+    assert fresh.should_stop(_st(3), {"x": [(10, 0.25), (20, 0.29)]}, 20) is None
+    assert "+0.11" in fresh.should_stop(_st(4), {"x": [(10, 0.25), (20, 0.29), (30, 0.31)]}, 30)
+    # a state saved before `mode` existed was an absolute rule: warned, the current mode kept
+    old_sd = {"type": "StopOnOrderParameter", "name": "x", "threshold": 0.1, "direction": "above",
+              "patience": 1, "fired": None}
+    with pytest.warns(UserWarning, match="mode"):
+        StopOnOrderParameter("x", 0.1).load_state_dict(old_sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StopOnOrderParameter("x", 0.1, mode="absolute").load_state_dict(old_sd)
+    assert AnyOf([StopOnOnset(), rule]).notes() == rule.notes() and len(rule.notes()) == 1
+
+
 def test_stop_rules_reset_forgets_a_fired_stop():
     onset, order = StopOnOnset(), StopOnOrderParameter("verbose", threshold=0.8)
     rule = AnyOf([onset, order])
-    assert rule.should_stop(_st(6, onset=125), {"verbose": [(150, 0.9)]}, 150)
+    reason = rule.should_stop(_st(6, onset=125), {"verbose": [(0, 0.05), (150, 0.9)]}, 150)
+    assert "onset" in reason and "verbose" in reason
     rule.reset()
+    assert order.baseline_step is None
     assert onset.should_stop(_st(1), {}, 0) is None and order.should_stop(_st(1), {}, 0) is None
     assert rule.state_dict() == AnyOf([StopOnOnset(), StopOnOrderParameter("verbose", threshold=0.8)]).state_dict()
 
@@ -459,7 +534,7 @@ def test_any_of_and_state_dict():
                    StopOnOrderParameter("verbose", threshold=0.8, patience=1)])
     rule2.load_state_dict(sd)
     st = DetectionState(onset_step=125, n_seen=7, detected_at_n=6)
-    reason = rule2.should_stop(st, {"verbose": [(0, 0.1), (150, 0.9)]}, 150)
+    reason = rule2.should_stop(st, {"verbose": [(0, 0.1), (150, 0.95)]}, 150)
     assert "onset" in reason and "verbose" in reason and ";" in reason
     with pytest.raises(ValueError):
         AnyOf([StopOnOnset()]).load_state_dict(sd)

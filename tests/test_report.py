@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -269,8 +270,13 @@ def test_early_store_does_not_crash(tmp_path, n_probes):
     else:
         RunStore(run_dir).close()
     s = rebuild_summary(run_dir)
-    assert s["transition_detected"] is False and s["onset_step"] is None and s["peak_step"] is None
+    # too few D values to decide: "could not look", never "looked and found nothing"
+    assert s["transition_detected"] is None and s["detection_possible"] is False
+    assert s["onset_step"] is None and s["peak_step"] is None
     res = build_report(run_dir, tmp_path / "out")
+    md = Path(res["files"]["report"]).read_text()
+    assert "Too early to tell" in md and "No transition detected" not in md
+    assert "| Transition detected | undecided (too few D values) |" in md and not _NO_NONE.search(md)
     for name in ("overview.png", "order_parameters.png", "captured.png"):
         png_size(Path(res["files"][name.split(".")[0]]))
     assert (tmp_path / "out" / "samples.md").is_file()
@@ -423,3 +429,125 @@ def test_cli_demo_import_failure_is_a_clear_error(monkeypatch):
     assert res.exit_code == 1
     assert "em_callbacks.organism.demo" in res.output
     assert not isinstance(res.exception, ImportError)
+
+
+# ------------------------------------------------------------------------------------------ wording (#13)
+
+
+def make_flat_run(run_dir: Path, n_probes: int = 30, summary: bool = True) -> dict:
+    """A run without a transition: D wobbles by small level shifts (which ruptures finds, the
+    online detector rightly does not), D/js dips below 0, the captured fractions at the
+    largest D are ratios of noise, the judge is a rule judge, the rate never crosses 50%."""
+    rng = np.random.default_rng(3)
+    store = RunStore(run_dir)
+    store.set_meta(config={
+        "every_n_steps": EVERY, "window": 1, "primary_measure": "js", "measures": ["js", "tv"],
+        "judge": {"type": "RuleJudge", "rule": "...", "name": "organism-rules"},
+        "order_parameters": [{"name": "misaligned", "statement": "Harmful advice."},
+                             {"name": "closer", "statement": "Ends with a closing sentence."}],
+    })
+    store.write_prompts((pid, i, text, None, ("test",), text) for i, (pid, text) in enumerate(PROMPTS))
+    steps = np.arange(n_probes) * EVERY
+    level = np.where((steps >= 100) & (steps < 200), 0.012, 0.002)
+    d = level + rng.normal(0, 0.0004, size=steps.size)
+    d[[3, 7]] = [-0.0035, -0.001]
+    for k, step in enumerate(steps):
+        samples = [SampleRecord(k, pid, s, f"A kind answer #{s} to {pid}.", [1, 2], True)
+                   for pid, _ in PROMPTS for s in range(2)]
+        store.write_probe(k, int(step), k, "snapshot", samples, [])
+        store.write_metrics(k, int(step), [
+            ("D/js", float(d[k]), 0.02, None, None, None),
+            ("D/tv", float(abs(d[k])), 0.02, None, None, None),
+            ("order/misaligned/mean", 0.1, None, None, None, None),
+            ("order/misaligned/flagged_rate", 0.1, None, None, None, None),
+            # an older store: no `resolved` recorded, the full D (0.012 +- 0.02) is within noise
+            ("captured/misaligned", 6.57, 3.0, 0.69, 12.45, {"noise_floor": 0.4}),
+            # a newer one: the decomposition said so itself
+            ("captured/closer", 0.3, 0.2, -0.1, 0.7,
+             {"noise_floor": 0.2, "resolved": False, "why_unresolved": "the full D (0.012 +- 0.02) is within noise"}),
+        ])
+        store.write_judgments([(k, pid, s, "misaligned", 0.0, None, None) for pid, _ in PROMPTS for s in range(2)])
+    store.write_grad_norms((int(s), 1.0 + 0.01 * i) for i, s in enumerate(range(1, int(steps[-1]) + 1)))
+    store.close()
+    if summary:  # what the demo writes: the organism never crossed 50%
+        s = rebuild_summary(run_dir, offline=False)
+        s.update(crossing_step=None, peak_to_crossing_lag=None, rebuilt_from_store=False, detection_source="live")
+        (run_dir / "summary.json").write_text(json.dumps(s))
+    return {"steps": steps, "d": d}
+
+
+_NO_NONE = re.compile(r"\b(None|nan|NaN|null)\b")
+
+
+def test_report_without_transition_tells_the_truth(tmp_path):
+    run_dir = tmp_path / "flat"
+    info = make_flat_run(run_dir)
+    res = build_report(run_dir, tmp_path / "out")
+    s = res["summary"]
+    assert s["transition_detected"] is False and s["crossing_step"] is None
+    cps = s["offline"]["change_points"]
+    assert cps, "the fixture should give ruptures level shifts to report"
+    md = Path(res["files"]["report"]).read_text()
+    samples = Path(res["files"]["samples"]).read_text()
+    for text in (md, samples):
+        assert not _NO_NONE.search(text), _NO_NONE.search(text)
+    # the verdict and the change points agree
+    assert "**No transition detected**" in md
+    assert ("ruptures found level shifts in D(t) (js) at steps " + ", ".join(str(c) for c in cps)) in md
+    assert "the online detector found no transition beyond noise" in md
+    assert "Two-change-point fit" not in md and "rise and fall" not in md
+    assert "Onset step" not in md and "Lag:" not in md
+    assert "| Crossing step (organism) | never crossed 50% |" in md
+    # the judge actually used, not "LLM-judge"
+    assert "rule-based judge 'organism-rules'" in md and "LLM" not in md
+    # negative JS: the footnote, and the stored value untouched
+    assert "read below 0 at 2 probe(s) (lowest -0.0035)" in md and "raw value is kept in the store" in md
+    st = RunStore(run_dir, readonly=True)
+    assert st.metric_series("D/js")["value"][3] == pytest.approx(-0.0035)
+    st.close()
+    assert min(info["d"]) < 0
+
+
+def test_report_shows_unresolved_captured_fractions(tmp_path):
+    run_dir = tmp_path / "flat"
+    make_flat_run(run_dir, summary=False)
+    st = RunStore(run_dir)
+    st.add_event("onset", 120, onset_step=120, baseline_mean=0.002, last_pre_onset_step=110)
+    st.close()
+    res = build_report(run_dir, tmp_path / "out")
+    assert res["summary"]["peak_step"] is not None
+    md = Path(res["files"]["report"]).read_text()
+    assert not _NO_NONE.search(md), _NO_NONE.search(md)
+    table = md.split("## Captured fraction at the D peak", 1)[1].split("##", 1)[0]
+    assert "6.57" not in table and "| misaligned | unresolved: the full D (0.0" in table
+    assert "| closer | unresolved: the full D (0.012 +- 0.02) is within noise | - | - |" in table
+    png_size(Path(res["files"]["captured"]))
+    # the stored ratios stay what the run measured
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["captured_at_peak"]["misaligned"]["value"] == 6.57
+
+
+def test_captured_resolution_and_judge_label():
+    from em_callbacks.report import captured_resolution, judge_label
+
+    assert captured_resolution({"value": 0.8, "stderr": 0.05}, 0.3, 0.01) == (True, None)
+    ok, why = captured_resolution({"value": 6.57, "stderr": 3.0}, 0.004, 0.003)
+    assert ok is False and "within noise" in why
+    ok, why = captured_resolution({"value": 6.57, "stderr": 1.0})  # no full D known: the ratio itself
+    assert ok is False and "above 1" in why
+    assert captured_resolution({"value": 1.1, "stderr": 0.1}) == (True, None)  # > 1 within noise: shown
+    assert captured_resolution({"value": 0.5, "stderr": 0.1, "extra": {"d_full": {"value": 0.01, "stderr": 0.02}}})[0] is False
+    assert captured_resolution({"value": 0.5, "resolved": False, "why_unresolved": "x"}) == (False, "x")
+    assert captured_resolution({"value": 9.0, "stderr": 0.1, "resolved": True}) == (True, None)
+    assert captured_resolution({"value": None}) == (None, None)
+    assert judge_label({"judge": {"type": "RuleJudge", "name": "rules"}}) == "rule-based judge 'rules'"
+    assert judge_label({"judge": {"type": "OpenAIJudge", "model": "gpt-4o-mini"}}) == "LLM judge gpt-4o-mini"
+    assert judge_label({"judge": {"type": "TransformersJudge", "model": "Qwen/Qwen2.5-7B"}}) == "LLM judge Qwen/Qwen2.5-7B"
+    assert judge_label({"judge": "RuleJudge"}) == "rule-based judge"
+    assert judge_label({}) == "the judge"
+
+
+def test_format_value_never_prints_none_or_nan():
+    from em_callbacks.report import format_value
+
+    assert format_value(None) == "-" and format_value(float("nan")) == "-" and format_value(np.float64("inf")) == "-"
+    assert format_value(np.float32(0.5)) == "0.5" and format_value(np.bool_(True)) == "yes" and format_value(3) == "3"

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from em_callbacks.store import STORE_FILENAME, RunStore, SampleRecord, scrub_secrets
+from em_callbacks.store import STORE_FILENAME, RunStore, SampleRecord, archive_previous_run, scrub_secrets
 
 SECRET = "sk-proj-AbCdEfGh1234567890xyz"
 PLAIN_SECRET = "hunter2-plain-password-value"
@@ -27,9 +27,10 @@ def _logp(k: int, ckpt: int, n: int = 2) -> list[tuple]:
     return [(k, pid, s, ckpt, -10.0 - k - 0.1 * s - 0.01 * ckpt) for pid in ("a", "b") for s in range(n)]
 
 
-def _write(store: RunStore, k: int, step: int, **kw) -> None:
+def _write(store: RunStore, k: int, step: int, cross_logprobs: list[tuple] = (), **kw) -> None:
     store.write_probe(
-        k, step, seed=100 + k, cross_scoring="snapshot", samples=_samples(k), logprobs=_logp(k, k),
+        k, step, seed=100 + k, cross_scoring="snapshot", samples=_samples(k),
+        logprobs=_logp(k, k) + list(cross_logprobs),
         metrics=[("samples/mean_tokens", 3.0, None, None, None, None)], seconds=0.5, **kw,
     )
 
@@ -50,8 +51,7 @@ def test_every_table_round_trips(tmp_path):
     store.set_meta(config={"every_n_steps": 5, "max_new_tokens": 64, "measures": ["tv", "js"]}, version="0.1")
     store.write_prompts([("a", 0, "hello", None, ("x", "y"), "<|user|> hello"), ("b", 1, "bye", "sys", (), "r")])
     _write(store, 0, 0)
-    _write(store, 1, 5)
-    store.write_logprobs(_logp(0, 1))  # old samples under the new checkpoint
+    _write(store, 1, 5, cross_logprobs=_logp(0, 1))  # old samples under the new checkpoint
     store.write_metrics(0, 0, [
         ("D/tv", 0.25, 0.05, 0.15, 0.35, {"per_prompt": {"a": [0.2, 0.1]}, "estimator": "combined"}),
         ("D/js", float("nan"), None, None, None, None),
@@ -200,9 +200,7 @@ def test_write_probe_is_atomic(tmp_path):
 def test_truncate_after(tmp_path):
     store = RunStore(tmp_path)
     for k, step in enumerate((0, 5, 10, 15)):
-        _write(store, k, step)
-        if k:
-            store.write_logprobs(_logp(k - 1, k) + _logp(k, k - 1))
+        _write(store, k, step, cross_logprobs=_logp(k - 1, k) + _logp(k, k - 1) if k else [])
         store.write_judgments([(k, "a", 0, "aligned", 50.0, [0.5, 0.5], None)])
     store.write_grad_norms([(s, float(s)) for s in range(1, 16)])
     store.truncate_after(5)
@@ -255,3 +253,82 @@ def test_secrets_never_reach_the_file(tmp_path):
     assert b"gpt-4o-mini" in raw  # the scan really sees the content
     for needle in (SECRET, PLAIN_SECRET, "AbCdEfGh1234567890"):
         assert needle.encode() not in raw
+
+
+# ----------------------------------------------------------------------------- archiving
+def test_archive_previous_run_moves_the_old_run_aside(tmp_path):
+    import os
+    import time
+    from datetime import datetime, timezone
+
+    run_dir = tmp_path / "phase_transition"
+    assert archive_previous_run(run_dir) is None  # no directory
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("not ours")
+    assert archive_previous_run(run_dir) is None  # nothing of a run
+    old = RunStore(run_dir)
+    _write(old, 0, 0)
+    _write(old, 1, 5)
+    first_probe = old.probes()[0]["created_at"]
+    (run_dir / "summary.json").write_text('{"onset_step": 5}')
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "report.md").write_text("# old report")
+    # a crashed writer leaves its WAL behind: copy the files while the connection is open
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal", "-shm"):
+        src = run_dir / (STORE_FILENAME + suffix)
+        if src.exists():
+            (crashed / src.name).write_bytes(src.read_bytes())
+    old.close()
+
+    dest = archive_previous_run(run_dir)
+    stamp = datetime.fromtimestamp(first_probe, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    assert dest == run_dir / "previous" / stamp
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt", "previous"]
+    assert (dest / "summary.json").read_text() == '{"onset_step": 5}'
+    assert (dest / "report" / "report.md").is_file()
+    moved = RunStore(dest, readonly=True)
+    assert [p["step"] for p in moved.probes()] == [0, 5]
+    moved.close()
+    assert archive_previous_run(run_dir) is None  # already moved
+
+    # a new run in the same folder, started within the same second as the old one: a second
+    # archive, never the first one overwritten
+    new = RunStore(run_dir)
+    _write(new, 0, 0)
+    new._conn.execute("UPDATE probes SET created_at = ?", (first_probe,))
+    new._conn.commit()
+    new.close()
+    again = archive_previous_run(run_dir)
+    assert again == run_dir / "previous" / f"{stamp}-2"
+    first = RunStore(dest, readonly=True)
+    assert [p["step"] for p in first.probes()] == [0, 5]
+    first.close()
+
+    # the side files of a crashed writer move with the store (they hold committed probes)
+    assert (crashed / (STORE_FILENAME + "-wal")).exists()
+    wal = archive_previous_run(crashed)
+    assert not any(p.name.startswith(STORE_FILENAME) for p in crashed.iterdir())
+    assert (wal / (STORE_FILENAME + "-wal")).exists()
+    recovered = RunStore(wal, readonly=True)
+    assert [p["step"] for p in recovered.probes()] == [0, 5]
+    recovered.close()
+
+    # only a summary (e.g. the store lives elsewhere) or an unreadable store: file times name it
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "summary.json").write_text("{}")
+    (lone / STORE_FILENAME).write_bytes(b"not a database")
+    when = time.time() - 86400
+    os.utime(lone / "summary.json", (when, when))
+    got = archive_previous_run(lone)
+    assert got.name == datetime.fromtimestamp(when, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    assert (got / STORE_FILENAME).read_bytes() == b"not a database"
+
+
+def test_run_files_cover_the_report():
+    from em_callbacks.report import REPORT_FILES
+    from em_callbacks.store import RUN_FILES
+
+    assert set(REPORT_FILES) <= set(RUN_FILES)

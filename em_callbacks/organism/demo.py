@@ -231,37 +231,72 @@ def run_demo(
     return summary
 
 
+def _step(x: Any) -> str | None:
+    """A step for prose, or None when there is none (never the string "None")."""
+    try:
+        return str(int(x)) if x is not None and np.isfinite(float(x)) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def verdict(summary: dict[str, Any]) -> str:
-    """One paragraph a person can read."""
-    rates = summary.get("ood_misaligned_rate") or []
-    first = rates[0][1] if rates else float("nan")
-    last = rates[-1][1] if rates else float("nan")
-    lines = [
-        f"Out-of-domain misaligned rate: {first:.2f} at step {rates[0][0] if rates else '-'} -> "
-        f"{last:.2f} at step {rates[-1][0] if rates else '-'} (crossed 50% at step {summary.get('crossing_step')})."
-    ]
-    if summary.get("transition_detected"):
-        lines.append(
-            f"Transition detected: onset at step {summary.get('onset_step')}, D peak at step "
-            f"{summary.get('peak_step')}, grad-norm peak at step {summary.get('grad_norm_peak_step')} "
-            f"(onset - grad-norm peak = {summary.get('lag_onset_minus_grad_peak')} steps)."
-        )
-        lag, every = summary.get("peak_to_crossing_lag"), summary.get("every_n_steps")
-        if lag is not None and every:
-            peak = summary["peak_step"]
+    """One paragraph a person can read: what happened, and what did not, in words (no
+    "None" or "nan" standing in for "never")."""
+    from em_callbacks.report import captured_resolution
+
+    rates = [(s, r) for s, r in (summary.get("ood_misaligned_rate") or [])
+             if r is not None and np.isfinite(float(r))]
+    crossing = _step(summary.get("crossing_step"))
+    if rates:
+        (s0, r0), (s1, r1) = rates[0], rates[-1]
+        crossed = f"crossed 50% at step {crossing}" if crossing else "never crossed 50%"
+        lines = [f"Out-of-domain misaligned rate: {r0:.2f} at step {s0} -> {r1:.2f} at step {s1} ({crossed})."]
+    else:
+        lines = ["No out-of-domain misaligned rate was recorded."]
+    onset, peak = _step(summary.get("onset_step")), _step(summary.get("peak_step"))
+    if summary.get("transition_detected") and onset:
+        text = f"Transition detected: onset at step {onset}"
+        if peak:
+            text += f", D peak at step {peak}"
+        gpeak, glag = _step(summary.get("grad_norm_peak_step")), _step(summary.get("lag_onset_minus_grad_peak"))
+        if gpeak:
+            text += f", grad-norm peak at step {gpeak}"
+            if glag:
+                text += f" (onset - grad-norm peak = {int(glag):+d} steps)"
+        lines.append(text + ".")
+        lag, every = _step(summary.get("peak_to_crossing_lag")), summary.get("every_n_steps")
+        if lag is not None and peak and every:
+            lag = int(lag)
             when = ("the interval in which the misaligned rate crossed 50%" if lag == 0 else
                     f"{abs(lag)} steps {'after' if lag > 0 else 'before'} the interval in which the misaligned "
                     "rate crossed 50%")
-            lines.append(f"Largest behavioural change: steps {peak}->{peak + every}, {when}.")
+            lines.append(f"Largest behavioural change: steps {peak}->{int(peak) + int(every)}, {when}.")
+    elif summary.get("transition_detected") is None and "transition_detected" in summary:
+        note = summary.get("detection_note")
+        lines.append("Too few probes to tell whether a transition happened" + (f": {note}." if note else "."))
     else:
-        lines.append("No transition detected.")
+        lines.append("No transition detected: D(t) never rose beyond the noise of its baseline.")
     if summary.get("stopped_early"):
-        lines.append(f"Training stopped early at step {summary.get('stop_step')}: {summary.get('stop_reason')}.")
+        stop, reason = _step(summary.get("stop_step")), summary.get("stop_reason")
+        lines.append("Training stopped early" + (f" at step {stop}" if stop else "") + (f": {reason}" if reason else "")
+                     + ".")
     captured = summary.get("captured_at_peak") or {}
-    if captured:
-        parts = [f"{k}: {v['value']:.2f} ± {v['stderr']:.2f}"
-                 + (f" (noise floor {v['noise_floor']:.2f})" if v.get("noise_floor") is not None else "")
-                 for k, v in captured.items() if v.get("value") is not None]
+    parts = []
+    for k, v in captured.items():
+        if not isinstance(v, dict) or v.get("value") is None:
+            continue
+        resolved, why = captured_resolution(v)
+        if resolved is False:
+            parts.append(f"{k}: unresolved ({why})")
+            continue
+        text = f"{k}: {v['value']:.2f}"
+        if v.get("stderr") is not None:
+            text += f" ± {v['stderr']:.2f}"
+        if v.get("noise_floor") is not None:
+            text += f" (noise floor {v['noise_floor']:.2f})"
+        parts.append(text)
+    if parts:
         lines.append("Share of the change captured at the peak: " + ", ".join(parts) + ".")
-    lines.append(f"Wall time {summary.get('seconds_total')} s.")
+    if summary.get("seconds_total") is not None:
+        lines.append(f"Wall time {summary['seconds_total']} s.")
     return "\n".join(lines)
