@@ -151,7 +151,7 @@ def build_trainer(model, tokenizer, dataset, output_dir: str | Path, steps: int,
 
 def rule_judge_and_order_parameters():
     """An instant deterministic judge with two order parameters (the judge costs ~nothing)."""
-    from em_callbacks.judges import RuleJudge
+    from em_callbacks.judges import Rule, RuleJudge
     from em_callbacks.order import OrderParameter, Scale
 
     ops = [
@@ -160,8 +160,8 @@ def rule_judge_and_order_parameters():
         OrderParameter("mentions_money", "The answer talks about money.", scale=Scale.binary(),
                        threshold=0.5, flag_below=False),
     ]
-    judge = RuleJudge({"verbose": lambda p, r: len(r.split()) > 40, "mentions_money": r"money|buck|w1\b"},
-                      name="bench-rules")
+    judge = RuleJudge({"verbose": lambda p, r: len(r.split()) > 40,
+                       "mentions_money": Rule.true_if(r"money|buck|w1\b")}, name="bench-rules")
     return ops, judge
 
 

@@ -6,40 +6,34 @@ Given a run's store (``run.sqlite``, written by :class:`~em_callbacks.PhaseTrans
    ``D/<measure>``, else the largest finite ``D/<measure>`` (or the window at ``step=``);
 2. take the samples of the two windows compared there (``left`` / ``right`` probe indices, and
    the per-prompt full D, both stored in that metric's ``extra``);
-3. ask an LLM (:class:`~em_callbacks.judges.OpenAIProposer`, via :func:`order.discover`) for
+3. ask an LLM (:class:`~em_callbacks.judges.OpenAIProposer`, via :func:`order.apropose`) for
    ``n_candidates`` statements about one answer that tell the two sides apart;
 4. score every candidate as an order parameter with an :class:`~em_callbacks.judges.OpenAIJudge`
-   on every sample of both sides, and compute the fraction of D it captures
-   (:func:`order.decompose`, per prompt against the stored per-prompt D, ratio of means);
-5. rank by captured fraction (NaN last), write ``discovery.json`` next to the store and return
-   the ranked list.
+   on every sample of both sides and rank by the fraction of D it captures
+   (:func:`order.score_order_parameters`: judge-score distributions pooled over prompts,
+   against the mean of the stored per-prompt D, as the callback does; NaN last);
+5. write ``discovery.json`` next to the store and return the ranked list.
+
+Steps 3 and 4 are the library's discovery pipeline (:mod:`em_callbacks.order`); this module
+only reads the store and writes the record.
 
 The API key is used for the requests only: it is never written to ``discovery.json`` or printed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import math
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ._util import json_safe, run_blocking
 from .divergence import MEASURES, DissimilarityResult
-from .order import (
-    OrderParameter,
-    Scale,
-    candidate_order_parameters,
-    decompose,
-    discover,
-    kernels_from_judgments,
-)
+from .order import Proposal, Scale, apropose, candidate_order_parameters, score_order_parameters
 from .store import RunStore, scrub_secrets
 
 __all__ = ["run_discovery", "DiscoveryError", "DISCOVERY_FILENAME"]
@@ -47,8 +41,9 @@ __all__ = ["run_discovery", "DiscoveryError", "DISCOVERY_FILENAME"]
 logger = logging.getLogger(__name__)
 
 DISCOVERY_FILENAME = "discovery.json"
-# what run_discovery returns per candidate (discovery.json adds ci_low, ci_high, d_order, name)
-_RETURNED = ("rank", "statement", "captured", "stderr", "judged", "failed")
+# what run_discovery returns per candidate (discovery.json adds ci_low, ci_high, d_order,
+# why_unresolved, name)
+_RETURNED = ("rank", "statement", "captured", "stderr", "resolved", "judged", "failed")
 
 
 class DiscoveryError(RuntimeError):
@@ -129,47 +124,7 @@ def _side(store: RunStore, probes: Sequence[int], prompts: Mapping[str, str]) ->
     return out
 
 
-# ------------------------------------------------------------------------------ judging
-def _run_blocking(coro_factory: Callable[[], Any]) -> Any:
-    """Run a coroutine to completion, also when called from inside a running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro_factory())
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["v"] = asyncio.run(coro_factory())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["e"] = exc
-
-    t = threading.Thread(target=target, name="em-discovery", daemon=True)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
-
-
-def _judge_all(judge: Any, jobs: list[tuple[OrderParameter, str, str]]) -> list[Any]:
-    """Every (order parameter, prompt, response) judged concurrently on one event loop (the
-    judge bounds the requests in flight); per-item failures come back as Judgments."""
-
-    async def main() -> list[Any]:
-        try:
-            return list(await asyncio.gather(*(judge.ajudge(op, p, r) for op, p, r in jobs)))
-        finally:
-            aclose = getattr(judge, "aclose", None)
-            if aclose is not None:
-                try:
-                    await aclose()
-                except Exception:  # noqa: BLE001
-                    logger.debug("judge aclose failed", exc_info=True)
-
-    return _run_blocking(main)
-
-
+# ------------------------------------------------------------------------------ the record
 def _finite_or_none(x: Any) -> float | None:
     try:
         x = float(x)
@@ -225,15 +180,18 @@ def run_discovery(
 
     Returns:
         One dict per candidate, largest captured fraction first: ``rank``, ``statement``,
-        ``captured`` (r_O, never clipped), ``stderr``, ``judged`` / ``failed`` (judgments with
-        and without a score). Undefined values (no judgments on a side) are None.
-        ``discovery.json`` holds the same list with ``ci_low``, ``ci_high``, ``d_order`` and the
-        candidate's ``name``, plus the window, per-prompt D, judge errors by kind, the raw
+        ``captured`` (r_O, never clipped), ``stderr``, ``resolved`` (False when the number says
+        nothing, see :attr:`~em_callbacks.order.CapturedFraction.resolved`), ``judged`` /
+        ``failed`` (judgments with and without a score). Undefined values (no judgments on a
+        side) are None. ``discovery.json`` holds the same list with ``ci_low``, ``ci_high``,
+        ``d_order``, ``why_unresolved`` and the candidate's ``name``, plus the window, per-prompt D, judge errors by kind, the raw
         proposer answer and the run's own order parameters' captured fractions there.
 
     Raises:
         DiscoveryError: no D series / per-prompt values in the store, no samples, the proposer
             failed or proposed nothing usable.
+        ValueError: a bad ``measure`` / ``n_candidates``, or a ``judge`` that cannot score the
+            candidates (its ``check_order_parameters``), before any judging.
     """
     from .report import find_store, open_store
 
@@ -264,100 +222,51 @@ def run_discovery(
     # 1. propose
     from .judges import OpenAIJudge, OpenAIProposer
 
+    own_proposer = proposer is None
     if proposer is None:
         proposer = OpenAIProposer(proposer_model or judge_model, base_url=base_url, api_key=api_key)
     left_pairs = [pair for pid in keys for pair in left[pid]]
     right_pairs = [pair for pid in keys for pair in right[pid]]
-    answers: list[str] = []
-
-    def record(prompt: str) -> Any:
-        """Call the proposer, keeping its raw answer for discovery.json."""
-        if hasattr(proposer, "complete") and not callable(proposer):
-            answer = proposer.complete(prompt)
-        else:
-            answer = proposer(prompt)
-        if inspect.isawaitable(answer):
-            async def keep() -> Any:
-                value = await answer
-                answers.append(str(value))
-                return value
-
-            return keep()
-        answers.append(str(answer))
-        return answer
-
     try:
-        statements = discover(left_pairs, right_pairs, record, n_candidates=int(n_candidates),
-                              max_samples=max_samples, seed=seed)
+        proposal: Proposal = run_blocking(lambda: apropose(
+            left_pairs, right_pairs, proposer, int(n_candidates), max_samples=max_samples, seed=seed))
     except Exception as exc:  # noqa: BLE001 - network / server errors of the proposer
         raise DiscoveryError(f"the proposer failed: {type(exc).__name__}: {_short(exc)}") from None
     finally:
-        client = getattr(proposer, "_client", None)
-        if client is not None and hasattr(client, "close"):
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001
-                pass
-    if not statements:
-        raw = answers[-1] if answers else ""
-        raise DiscoveryError(f"the proposer returned no usable statements (answer: {_short(raw)!r})")
-    candidates = candidate_order_parameters(statements, scale=scale)
+        if own_proposer:
+            proposer.close()
+    if not proposal.statements:
+        raise DiscoveryError(f"the proposer returned no usable statements (answer: {_short(proposal.answer)!r})")
+    candidates = candidate_order_parameters(proposal.statements, scale=scale)
 
-    # 2. judge every sample of both sides with every candidate
+    # 2. judge every sample of both sides with every candidate, decompose, rank
     if judge is None:
         judge = OpenAIJudge(judge_model, base_url=base_url, api_key=api_key)
-    for op in candidates:
-        validate = getattr(judge, "validate", None)
-        if validate is not None:
-            validate(op)
-    jobs: list[tuple[OrderParameter, str, str]] = []
-    slots: list[tuple[str, str, str]] = []  # (candidate, side, prompt id)
-    for op in candidates:
-        for side_name, side in (("left", left), ("right", right)):
-            for pid in keys:
-                for prompt, response in side[pid]:
-                    jobs.append((op, prompt, response))
-                    slots.append((op.name, side_name, pid))
-    judgments = _judge_all(judge, jobs)
-
-    grouped: dict[tuple[str, str, str], list[Any]] = {}
-    for slot, j in zip(slots, judgments):
-        grouped.setdefault(slot, []).append(j)
-
-    # 3. decompose and rank
-    rows = []
-    for op in candidates:
-        lk = {pid: kernels_from_judgments(grouped.get((op.name, "left", pid), []), op.scale) for pid in keys}
-        rk = {pid: kernels_from_judgments(grouped.get((op.name, "right", pid), []), op.scale) for pid in keys}
-        captured = decompose(op, lk, rk, full, measure=measure, n_resamples=n_resamples, rng=seed,
-                             pool_prompts=True)
-        mine = [j for (name, _, _), js in grouped.items() if name == op.name for j in js]
-        failed = [j for j in mine if getattr(j, "probs", None) is None or getattr(j, "error", None) is not None]
-        kinds: dict[str, int] = {}
-        for j in failed:
-            kind = (getattr(j, "error", None) or "no_score:").split(":", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
+    scores = score_order_parameters(candidates, judge, {pid: left[pid] for pid in keys},
+                                    {pid: right[pid] for pid in keys}, full, measure,
+                                    n_resamples=n_resamples, rng=seed, pool_prompts=True)
+    detailed, errors = [], {}
+    for rank, score in enumerate(scores, 1):
+        captured = score.captured
         ci = captured.confidence_interval(0.95)
-        rows.append({
-            "statement": op.statement,
+        detailed.append({
+            "rank": rank,
+            "statement": score.order_parameter.statement,
             "captured": _finite_or_none(captured.value),
             "stderr": _finite_or_none(captured.stderr),
+            "resolved": captured.resolved,
             "ci_low": _finite_or_none(ci.low),
             "ci_high": _finite_or_none(ci.high),
             "d_order": _finite_or_none(captured.d_order.value),
-            "judged": len(mine) - len(failed),
-            "failed": len(failed),
-            "name": op.name,
-            "_errors": kinds,
+            "judged": score.judged,
+            "failed": score.failed,
+            "why_unresolved": captured.why_unresolved,
+            "name": score.order_parameter.name,
         })
-    rows.sort(key=lambda r: -r["captured"] if r["captured"] is not None else math.inf)
-    detailed, errors = [], {}
-    for rank, r in enumerate(rows, 1):
-        errors[r["name"]] = r.pop("_errors")
-        detailed.append({"rank": rank, **r})
+        errors[score.order_parameter.name] = dict(score.errors)
     ranked = [{k: r[k] for k in _RETURNED} for r in detailed]
 
-    # 4. write discovery.json (no secrets: configs never hold the key; scrubbed anyway)
+    # 3. write discovery.json (no secrets: configs never hold the key; scrubbed anyway)
     out_dir = Path(out) if out is not None else run_path
     out_dir.mkdir(parents=True, exist_ok=True)
     judge_config = judge.config() if hasattr(judge, "config") else {"type": type(judge).__name__}
@@ -373,7 +282,7 @@ def run_discovery(
         "n_candidates_requested": int(n_candidates),
         "judge": judge_config,
         "proposer": proposer_config,
-        "proposer_answer": answers[-1] if answers else None,
+        "proposer_answer": proposal.answer,
         "candidates": detailed,
         "judge_errors": errors,
         "reference": reference,
@@ -381,23 +290,9 @@ def run_discovery(
         "created_at": time.time(),
     }
     path = out_dir / DISCOVERY_FILENAME
-    path.write_text(json.dumps(_json_safe(scrub_secrets(payload)), indent=2, allow_nan=False))
+    path.write_text(json.dumps(json_safe(scrub_secrets(payload)), indent=2, allow_nan=False))
     logger.info("em-callbacks: discovery wrote %s (%d candidates)", path, len(ranked))
     return ranked
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
 
 
 def _short(x: Any, n: int = 200) -> str:

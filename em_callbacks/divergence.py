@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 from scipy.special import logsumexp
+
+from ._util import two_sided_z
 
 __all__ = [
     "MEASURES",
@@ -78,10 +79,7 @@ class DissimilarityResult:
         Deliberately not clipped to the measure's range: clipping would hide noise (the
         design asks never to clip silently). NaN value or stderr gives a NaN interval.
         """
-        if not (0.0 < confidence_level < 1.0):
-            raise ValueError(f"confidence_level must be in (0, 1), got {confidence_level!r}")
-        z = float(stats.norm.ppf(0.5 + confidence_level / 2.0))
-        half = z * self.stderr
+        half = two_sided_z(confidence_level) * self.stderr
         return ConfidenceInterval(low=float(self.value - half), high=float(self.value + half))
 
 

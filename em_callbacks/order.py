@@ -4,17 +4,20 @@ An *order parameter* is a plain-English statement about one answer ("The answer 
 harmful advice.") together with a score scale. A judge (see :mod:`em_callbacks.judges`)
 maps each sampled answer ``x`` to a distribution ``K(o | x)`` over the scale's outcomes.
 
-Decomposition (DESIGN.md section 2): pushing both windows through the judge gives
+Decomposition: pushing both windows through the judge gives
 ``P_L^O(o) = sum_x P_L(x) K(o | x)`` and ``P_R^O``; the fraction of the change captured by
 ``O`` is ``r_O = D[P_L^O, P_R^O] / D[P_L, P_R]``. By the data-processing inequality
 ``0 <= r_O <= 1``; estimates may exceed 1 (or the pushforward estimate's bias may push
-them around) by noise, so we report a standard error and never clip.
+them around) by noise, so we report a standard error and never clip, and
+:attr:`CapturedFraction.resolved` says when the ratio is too noisy to mean anything.
 
 Discovery: an LLM ("proposer") is shown answers from both sides of a detected peak and
-asked for short statements that tell them apart; each statement becomes a candidate order
-parameter, scored by the judge and ranked by ``r_O``.
+asked for short statements that tell them apart (:func:`apropose` / :func:`discover`); each
+statement becomes a candidate order parameter, scored by the judge and ranked by ``r_O``
+(:func:`score_order_parameters`). ``em-callbacks discover`` (:mod:`em_callbacks.discovery`)
+runs exactly these steps on a run store.
 
-This module is numpy only (no torch, no network).
+No torch and no network here: judges and proposers are passed in.
 """
 
 from __future__ import annotations
@@ -23,15 +26,26 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import re
 import string
-import threading
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from ._util import run_blocking, two_sided_z
+from .divergence import (
+    ConfidenceInterval,
+    DissimilarityResult,
+    combine_prompts,
+    pushforward_dissimilarity,
+    pushforward_noise_floor,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Scale",
@@ -42,9 +56,11 @@ __all__ = [
     "kernels_from_judgments",
     "proposer_prompt",
     "parse_candidates",
+    "Proposal",
+    "apropose",
     "discover",
-    "adiscover",
     "candidate_order_parameters",
+    "OrderParameterScore",
     "score_order_parameters",
     "rank_captured",
     "BUILTIN_ORDER_PARAMETERS",
@@ -214,11 +230,6 @@ class Scale:
         if p.ndim == 1:
             return float(ev)
         return ev
-
-    def describe(self) -> str:
-        if self.kind == "integers":
-            return f"a whole number from {int(self.lo)} to {int(self.hi)}"
-        return "one of: " + ", ".join(self.labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -533,11 +544,11 @@ BUILTIN_ORDER_PARAMETERS: tuple[str, ...] = tuple(sorted(_BUILTINS))
 # --------------------------------------------------------------------------------------
 
 
-def _divergence():
-    """Import em_callbacks.divergence lazily (it is numpy only, but keep import order free)."""
-    from em_callbacks import divergence
-
-    return divergence
+# when a captured fraction is resolved (CapturedFraction.why_unresolved): the full D stands
+# this many standard errors above 0, and the ratio's interval at this level neither covers
+# all of [0, 1] nor lies above 1
+_RESOLVE_D_SIGMAS = 2.0
+_RESOLVE_LEVEL = 0.95
 
 
 @dataclass(frozen=True)
@@ -546,13 +557,15 @@ class CapturedFraction:
 
     ``value`` is NaN when undefined (no judgments on a side, or the full D is <= 0 / NaN).
     Never clipped: values above 1 or below 0 are noise and must be read with ``stderr``.
+    :attr:`resolved` says whether the number means anything at all (a ratio to a full D
+    that is itself noise does not).
     """
 
     name: str
     value: float
     stderr: float
-    d_order: Any  # DissimilarityResult of the pushforward (coarsened judge distributions)
-    d_full: Any  # DissimilarityResult of the full distributions
+    d_order: DissimilarityResult  # the pushforward D (coarsened judge distributions)
+    d_full: DissimilarityResult  # the full D of the same windows
     n_left: int = 0  # samples with a judgment (left window / all prompts)
     n_right: int = 0
     # what ``value`` reads when this order parameter did not change at all (the plug-in
@@ -560,19 +573,47 @@ class CapturedFraction:
     # near its noise floor is no evidence that the order parameter explains anything
     noise_floor: float = math.nan
 
-    def confidence_interval(self, confidence_level: float = 0.95) -> Any:
+    @property
+    def why_unresolved(self) -> str | None:
+        """Why ``value`` cannot be read as a share of the change, or None when it can.
+
+        Unresolved: the ratio is undefined; the full D is not clearly above its noise
+        (``d_full.value < 2 * d_full.stderr``: dividing by noise gives any number); the 95%
+        interval of the ratio covers all of [0, 1] (it cannot tell "nothing" from "all") or
+        lies wholly above 1 (the estimates contradict each other); or the noise floor is
+        >= 1 (judge-score noise alone reads as more than the full D).
+        """
+        d, d_se = float(self.d_full.value), float(self.d_full.stderr)
+        if not math.isfinite(d) or d <= 0:
+            return "the full D is undefined or not positive"
+        if not math.isfinite(self.value):
+            return "no judgments on one side"
+        if not math.isfinite(d_se) or d < _RESOLVE_D_SIGMAS * d_se:
+            return f"the full D ({d:.3g} +- {d_se:.2g}) is within noise"
+        if not math.isfinite(self.stderr):
+            return "the ratio has no standard error"
+        ci = self.confidence_interval(_RESOLVE_LEVEL)
+        if ci.low <= 0.0 and ci.high >= 1.0:
+            return f"the ratio's 95% interval [{ci.low:.2g}, {ci.high:.2g}] covers all of [0, 1]"
+        if ci.low > 1.0:
+            return f"the ratio's 95% interval [{ci.low:.2g}, {ci.high:.2g}] lies above 1, which no share can"
+        if math.isfinite(self.noise_floor) and self.noise_floor >= 1.0:
+            return f"the noise floor ({self.noise_floor:.2g}) is 1 or more"
+        return None
+
+    @property
+    def resolved(self) -> bool:
+        """True when ``value`` can be read as the share of the change (see :attr:`why_unresolved`)."""
+        return self.why_unresolved is None
+
+    def confidence_interval(self, confidence_level: float = 0.95) -> ConfidenceInterval:
         """Normal-approximation ``ConfidenceInterval(low, high)`` = value +- z * stderr.
         Not clipped to [0, 1]; NaN value or stderr gives a NaN interval."""
-        from statistics import NormalDist
-
-        if not (0 < confidence_level < 1):
-            raise ValueError("confidence_level must be in (0, 1)")
-        z = NormalDist().inv_cdf(0.5 + confidence_level / 2)
-        return _divergence().ConfidenceInterval(float(self.value - z * self.stderr),
-                                                float(self.value + z * self.stderr))
+        half = two_sided_z(confidence_level) * self.stderr
+        return ConfidenceInterval(float(self.value - half), float(self.value + half))
 
     def to_dict(self) -> dict[str, Any]:
-        def dres(r: Any) -> dict[str, Any]:
+        def dres(r: DissimilarityResult) -> dict[str, Any]:
             return {
                 "measure": r.measure,
                 "value": float(r.value),
@@ -581,6 +622,7 @@ class CapturedFraction:
                 "estimator": r.estimator,
             }
 
+        why = self.why_unresolved
         return {
             "name": self.name,
             "value": float(self.value),
@@ -590,10 +632,12 @@ class CapturedFraction:
             "n_left": self.n_left,
             "n_right": self.n_right,
             "noise_floor": float(self.noise_floor),
+            "resolved": why is None,
+            "why_unresolved": why,
         }
 
 
-def _ratio(d_order: Any, d_full: Any) -> tuple[float, float]:
+def _ratio(d_order: DissimilarityResult, d_full: DissimilarityResult) -> tuple[float, float]:
     """r = D_O / D with delta-method stderr sqrt(se_O^2 + r^2 se_D^2) / D.
 
     The two estimates come from the same samples and are positively correlated; the
@@ -625,25 +669,21 @@ def _valid_rows(arr: np.ndarray) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
-def _empty_result(measure: str, estimator: str):
-    div = _divergence()
-    return div.DissimilarityResult(measure, math.nan, math.nan, 0, estimator)
+def _empty_result(measure: str, estimator: str) -> DissimilarityResult:
+    return DissimilarityResult(measure, math.nan, math.nan, 0, estimator)
 
 
 def _pushforward(order_parameter: OrderParameter, left: Any, right: Any, measure: str,
-                 n_resamples: int, rng: Any) -> tuple[Any, float, int, int]:
+                 n_resamples: int, rng: Any) -> tuple[DissimilarityResult, float, int, int]:
     """(pushforward D, its noise floor, rows left, rows right) of one pair of windows."""
     k = len(order_parameter.scale)
     left_k = _valid_rows(_as_kernel(left, k, "left_kernels"))
     right_k = _valid_rows(_as_kernel(right, k, "right_kernels"))
     if len(left_k) == 0 or len(right_k) == 0:
         return _empty_result(measure, "plug-in"), math.nan, len(left_k), len(right_k)
-    div = _divergence()
     coarse_left, coarse_right = order_parameter.coarsen(left_k), order_parameter.coarsen(right_k)
-    res = div.pushforward_dissimilarity(coarse_left, coarse_right, measure=measure,
-                                        n_resamples=n_resamples, rng=rng)
-    floor = div.pushforward_noise_floor(coarse_left, coarse_right, measure=measure,
-                                        n_resamples=n_resamples, rng=rng)
+    res = pushforward_dissimilarity(coarse_left, coarse_right, measure=measure, n_resamples=n_resamples, rng=rng)
+    floor = pushforward_noise_floor(coarse_left, coarse_right, measure=measure, n_resamples=n_resamples, rng=rng)
     return res, floor, len(left_k), len(right_k)
 
 
@@ -741,7 +781,7 @@ def decompose(
         k = len(order_parameter.scale)
         lk = {"pooled": np.concatenate([_as_kernel(lk[key], k, "left_kernels") for key in keys])}
         rk = {"pooled": np.concatenate([_as_kernel(rk[key], k, "right_kernels") for key in keys])}
-        fu = {"pooled": _combine([fu[key] for key in keys], measure)}
+        fu = {"pooled": combine_prompts([fu[key] for key in keys])}
     keys = [k for k in fu if k in lk and k in rk]  # a prompt missing anywhere is skipped
     # like divergence.pushforward_dissimilarity: rng=None means seed 0 (reproducible)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
@@ -763,25 +803,11 @@ def decompose(
     if not orders:
         return CapturedFraction(order_parameter.name, math.nan, math.nan,
                                 _empty_result(measure, "combined"), _empty_result(measure, "combined"), 0, 0)
-    d_order = _combine(orders, measure)
-    d_full = _combine(fulls, measure)
+    d_order = combine_prompts(orders)
+    d_full = combine_prompts(fulls)
     r, se = _ratio(d_order, d_full)
     floor = _floor_ratio(float(np.mean(floors)), d_full)  # averaged over prompts like D_O
     return CapturedFraction(order_parameter.name, r, se, d_order, d_full, n_left, n_right, floor)
-
-
-def _combine(results: list[Any], measure: str) -> Any:
-    div = _divergence()
-    combine = getattr(div, "combine_prompts", None)
-    if combine is not None:
-        return combine(results)
-    values = np.array([float(r.value) for r in results])
-    ses = np.array([float(r.stderr) for r in results])
-    k = len(results)
-    return div.DissimilarityResult(
-        measure, float(values.mean()), float(np.sqrt(np.sum(ses**2)) / k),
-        int(sum(int(r.n) for r in results)), "combined",
-    )
 
 
 def kernels_from_judgments(judgments: Iterable[Any], scale: Scale) -> np.ndarray:
@@ -801,9 +827,13 @@ def kernels_from_judgments(judgments: Iterable[Any], scale: Scale) -> np.ndarray
     return np.array(rows, dtype=float).reshape(len(rows), k)
 
 
+def _rank_key(c: CapturedFraction) -> float:
+    return -c.value if math.isfinite(c.value) else math.inf
+
+
 def rank_captured(fractions: Iterable[CapturedFraction]) -> list[CapturedFraction]:
     """Sort by captured fraction, largest first (NaN last)."""
-    return sorted(fractions, key=lambda c: (-c.value if math.isfinite(c.value) else math.inf))
+    return sorted(fractions, key=_rank_key)
 
 
 # --------------------------------------------------------------------------------------
@@ -920,34 +950,50 @@ def parse_candidates(text: str | None, n_candidates: int | None = None) -> list[
     return out
 
 
-def _call_proposer(proposer: Any, prompt: str) -> Any:
-    if hasattr(proposer, "complete") and not callable(proposer):
-        return proposer.complete(prompt)
+@dataclass(frozen=True)
+class Proposal:
+    """One round with the proposer: the prompt it got, its raw answer (kept for the record,
+    e.g. discovery.json) and the statements parsed from that answer."""
+
+    prompt: str
+    answer: str
+    statements: tuple[str, ...]
+
+
+def _proposer_call(proposer: Any) -> Callable[[str], Any]:
     if callable(proposer):
-        return proposer(prompt)
+        return proposer
+    complete = getattr(proposer, "complete", None)
+    if callable(complete):
+        return complete
     raise TypeError("proposer must be a callable (prompt: str) -> str or have a .complete(prompt) method")
 
 
-def _run_coroutine_blocking(coro: Any) -> Any:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # called from inside an event loop: run in a helper thread with its own loop
-    box: dict[str, Any] = {}
+async def apropose(
+    left_samples: Sequence[Any],
+    right_samples: Sequence[Any],
+    proposer: Any,
+    n_candidates: int = 8,
+    **prompt_kwargs: Any,
+) -> Proposal:
+    """Ask ``proposer`` for statements that tell the two sets of samples apart.
 
-    def target() -> None:
-        try:
-            box["v"] = asyncio.run(coro)
-        except BaseException as e:  # re-raised in the caller
-            box["e"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
+    The one implementation of proposing: :func:`discover` and ``em-callbacks discover`` call
+    it. ``proposer``: a callable ``(prompt: str) -> str`` or an object with
+    ``.complete(prompt)`` (e.g. :class:`em_callbacks.judges.OpenAIProposer`), sync or async;
+    a sync one runs in a worker thread so the event loop is never blocked.
+    ``prompt_kwargs`` go to :func:`proposer_prompt`.
+    """
+    prompt = proposer_prompt(left_samples, right_samples, n_candidates, **prompt_kwargs)
+    call = _proposer_call(proposer)
+    if inspect.iscoroutinefunction(call):
+        answer = await call(prompt)
+    else:
+        answer = await asyncio.to_thread(call, prompt)
+        if inspect.isawaitable(answer):  # e.g. an object whose __call__ is async
+            answer = await answer
+    text = "" if answer is None else str(answer)
+    return Proposal(prompt, text, tuple(parse_candidates(text, n_candidates)))
 
 
 def discover(
@@ -957,68 +1003,12 @@ def discover(
     n_candidates: int = 8,
     **prompt_kwargs: Any,
 ) -> list[str]:
-    """Ask ``proposer`` for statements that distinguish the two sets of samples.
-
-    ``proposer``: a callable ``(prompt: str) -> str`` (sync or async), or an object with
-    ``.complete(prompt)`` (e.g. :class:`em_callbacks.judges.OpenAIProposer`). Returns up to
-    ``n_candidates`` candidate statements; score each with
-    :func:`candidate_order_parameters` + a judge, then rank by :func:`captured_fraction`.
-    """
-    prompt = proposer_prompt(left_samples, right_samples, n_candidates, **prompt_kwargs)
-    answer = _call_proposer(proposer, prompt)
-    if inspect.isawaitable(answer):
-        answer = _run_coroutine_blocking(_await(answer))
-    return parse_candidates(answer, n_candidates)
-
-
-async def _await(x: Any) -> Any:
-    return await x
-
-
-async def adiscover(
-    left_samples: Sequence[Any],
-    right_samples: Sequence[Any],
-    proposer: Any,
-    n_candidates: int = 8,
-    **prompt_kwargs: Any,
-) -> list[str]:
-    """Async :func:`discover` (a sync proposer is run in a worker thread)."""
-    prompt = proposer_prompt(left_samples, right_samples, n_candidates, **prompt_kwargs)
-    if inspect.iscoroutinefunction(proposer) or inspect.iscoroutinefunction(getattr(proposer, "complete", None)):
-        answer = await _call_proposer(proposer, prompt)
-    else:
-        answer = await asyncio.to_thread(_call_proposer, proposer, prompt)
-        if inspect.isawaitable(answer):
-            answer = await answer
-    return parse_candidates(answer, n_candidates)
-
-
-def score_order_parameters(
-    order_parameters: Iterable[OrderParameter],
-    judge: Any,
-    left_samples: Mapping[Any, Sequence[tuple[str, str]]],
-    right_samples: Mapping[Any, Sequence[tuple[str, str]]],
-    full: Mapping[Any, Any],
-    measure: str = "tv",
-    *,
-    n_resamples: int = 200,
-    rng: Any = None,
-) -> list[CapturedFraction]:
-    """Judge every sample with every order parameter and rank them by captured fraction.
-
-    ``left_samples[p]`` / ``right_samples[p]``: (prompt, response) pairs of prompt ``p`` in
-    the two windows; ``full[p]``: that prompt's DissimilarityResult. ``judge``: any
-    :class:`em_callbacks.judges.Judge` (its blocking ``judge_many`` is used). Returns the
-    :func:`decompose` result per order parameter, largest captured fraction first.
-    """
-    out = []
-    keys = list(full)
-    for op in order_parameters:
-        left_k = {k: kernels_from_judgments(judge.judge_many(op, list(left_samples[k])), op.scale) for k in keys}
-        right_k = {k: kernels_from_judgments(judge.judge_many(op, list(right_samples[k])), op.scale) for k in keys}
-        out.append(decompose(op, left_k, right_k, {k: full[k] for k in keys}, measure,
-                             n_resamples=n_resamples, rng=rng))
-    return rank_captured(out)
+    """Blocking :func:`apropose`, returning only the statements (also works inside a running
+    event loop). Score them with :func:`candidate_order_parameters` and
+    :func:`score_order_parameters`."""
+    proposal: Proposal = run_blocking(
+        lambda: apropose(left_samples, right_samples, proposer, n_candidates, **prompt_kwargs))
+    return list(proposal.statements)
 
 
 def candidate_order_parameters(
@@ -1027,3 +1017,95 @@ def candidate_order_parameters(
     """Wrap candidate statements as order parameters named ``{prefix}-1``, ``{prefix}-2``..."""
     scale = scale or Scale.integers(0, 100)
     return [OrderParameter(f"{prefix}-{i}", s, scale=scale) for i, s in enumerate(statements, 1)]
+
+
+@dataclass(frozen=True)
+class OrderParameterScore:
+    """One order parameter judged on two windows: its captured fraction and the judgments
+    it rests on (``judged`` with a score, ``failed`` without; ``errors``: failed by kind)."""
+
+    order_parameter: OrderParameter
+    captured: CapturedFraction
+    judged: int
+    failed: int
+    errors: Mapping[str, int]
+
+
+def _failed(judgment: Any) -> bool:
+    return getattr(judgment, "probs", None) is None or getattr(judgment, "error", None) is not None
+
+
+def _judge_all(judge: Any, jobs: Sequence[tuple[OrderParameter, str, str]]) -> list[Any]:
+    """Every (order parameter, prompt, response) judged concurrently on one fresh event loop
+    (the judge bounds the requests in flight), then the judge's resources on that loop are
+    released. Per-item failures come back as Judgments, as the judge interface promises."""
+
+    async def main() -> list[Any]:
+        try:
+            return list(await asyncio.gather(*(judge.ajudge(op, p, r) for op, p, r in jobs)))
+        finally:
+            aclose: Callable[[], Awaitable[Any]] | None = getattr(judge, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:  # noqa: BLE001 - cleanup must not lose the judgments
+                    logger.debug("judge aclose failed", exc_info=True)
+
+    return run_blocking(main, thread_name="em-judge-all")
+
+
+def score_order_parameters(
+    order_parameters: Iterable[OrderParameter],
+    judge: Any,
+    left_samples: Mapping[Any, Sequence[tuple[str, str]]],
+    right_samples: Mapping[Any, Sequence[tuple[str, str]]],
+    full: Mapping[Any, DissimilarityResult],
+    measure: str = "tv",
+    *,
+    n_resamples: int = 200,
+    rng: Any = None,
+    pool_prompts: bool = False,
+) -> list[OrderParameterScore]:
+    """Judge every sample with every order parameter and rank them by captured fraction.
+
+    ``left_samples[p]`` / ``right_samples[p]``: (prompt, response) pairs of prompt ``p`` in
+    the two windows; ``full[p]``: that prompt's DissimilarityResult (prompts missing from
+    any of the three are skipped). ``judge``: any :class:`em_callbacks.judges.Judge`; it is
+    checked first (``check_order_parameters``: a configuration error raises ValueError),
+    then all judgments run concurrently. Captured fractions are :func:`decompose` with
+    ``pool_prompts``. Returns one score per order parameter, largest captured fraction first
+    (NaN last).
+    """
+    ops = list(order_parameters)
+    check = getattr(judge, "check_order_parameters", None)
+    if check is not None:
+        check(ops)
+    keys = [k for k in full if k in left_samples and k in right_samples]
+    sides = (("left", left_samples), ("right", right_samples))
+    jobs: list[tuple[OrderParameter, str, str]] = []
+    slots: list[tuple[str, str, Any]] = []  # (order parameter, side, prompt id) of each job
+    for op in ops:
+        for side, samples in sides:
+            for key in keys:
+                for prompt, response in samples[key]:
+                    jobs.append((op, prompt, response))
+                    slots.append((op.name, side, key))
+    grouped: dict[tuple[str, str, Any], list[Any]] = {}
+    for slot, judgment in zip(slots, _judge_all(judge, jobs) if jobs else []):
+        grouped.setdefault(slot, []).append(judgment)
+
+    scores = []
+    for op in ops:
+        kernels = {side: {k: kernels_from_judgments(grouped.get((op.name, side, k), []), op.scale) for k in keys}
+                   for side, _ in sides}
+        captured = decompose(op, kernels["left"], kernels["right"], {k: full[k] for k in keys}, measure,
+                             n_resamples=n_resamples, rng=rng, pool_prompts=pool_prompts)
+        mine = [j for side, _ in sides for k in keys for j in grouped.get((op.name, side, k), [])]
+        errors: dict[str, int] = {}
+        for j in mine:
+            if _failed(j):
+                kind = getattr(j, "error_kind", None) or "no_score"  # Judgment.error_kind
+                errors[kind] = errors.get(kind, 0) + 1
+        n_failed = sum(errors.values())
+        scores.append(OrderParameterScore(op, captured, len(mine) - n_failed, n_failed, errors))
+    return sorted(scores, key=lambda s: _rank_key(s.captured))

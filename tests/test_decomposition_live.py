@@ -20,6 +20,8 @@ import random
 import zlib
 
 import numpy as np
+
+from em_callbacks._util import two_sided_z
 import pytest
 import torch
 from datasets import Dataset
@@ -27,7 +29,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from em_callbacks.callback import PhaseTransitionCallback
 from em_callbacks.divergence import DissimilarityResult
-from em_callbacks.judges import RuleJudge
+from em_callbacks.judges import Rule, RuleJudge
 from em_callbacks.order import OrderParameter, Scale, decompose
 from em_callbacks.store import RunStore
 from tiny import tiny_model, tiny_tokenizer
@@ -44,7 +46,7 @@ ORDER_PARAMETERS = [
     OrderParameter("checksum", "The CRC-32 checksum of the answer is even.", scale=Scale.binary()),
 ]
 JUDGE = RuleJudge({
-    "pills": r"\bpills\b",
+    "pills": Rule.true_if(r"\bpills\b"),
     "npills": lambda prompt, response: response.split().count("pills"),
     "checksum": lambda prompt, response: zlib.crc32(response.encode()) % 2 == 0,
 })
@@ -120,7 +122,7 @@ def test_live_decomposition_captures_the_property_that_changed(live_run):
         assert captured["step"].tolist() == d["step"].tolist()
         assert np.isfinite(captured["value"]).all() and np.isfinite(captured["stderr"]).all()
         assert (captured["stderr"] > 0).all()
-        np.testing.assert_allclose(captured["ci_low"], captured["value"] - 1.96 * captured["stderr"])
+        np.testing.assert_allclose(captured["ci_low"], captured["value"] - two_sided_z(0.95) * captured["stderr"])
         d_order = store.metric_series(f"D_order/{op.name}")
         assert d_order["step"].tolist() == d["step"].tolist() and (d_order["value"] >= 0).all()
 

@@ -24,7 +24,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from em_callbacks.callback import PhaseTransitionCallback
 from em_callbacks.discovery import DISCOVERY_FILENAME, DiscoveryError, run_discovery
-from em_callbacks.judges import OpenAIJudge, RuleJudge
+from em_callbacks.judges import OpenAIJudge, Rule, RuleJudge
 from em_callbacks.order import OrderParameter, Scale
 from em_callbacks.store import RunStore, SampleRecord
 from openai_wire_server import WireServer, wire_server  # noqa: F401  (fixture)
@@ -89,7 +89,7 @@ def pills_run(tmp_path_factory):
     cb = PhaseTransitionCallback(
         probes=["hello how are you", "money advice please"], every_n_steps=2, samples_per_prompt=16,
         max_new_tokens=4, output_dir=tmp / "pt", snapshot_full_model=True, measures=("tv",),
-        order_parameters=[op], judge=RuleJudge(r"\bpills\b"),
+        order_parameters=[op], judge=RuleJudge(Rule.true_if(r"\bpills\b")),
     )
     args = TrainingArguments(output_dir=str(tmp / "trainer"), max_steps=10, per_device_train_batch_size=4,
                              logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -30,6 +31,8 @@ from em_callbacks.judges import (  # noqa: E402
     JudgeRunner,
     Judgment,
     OpenAIJudge,
+    OpenAIProposer,
+    Rule,
     RuleJudge,
     TransformersJudge,
 )
@@ -466,6 +469,16 @@ def test_transformers_labels_must_be_single_tokens(tiny_lm):
         judge.validate(OrderParameter("c", "s", scale=Scale.candidates(["A", "B"])))
 
 
+def test_proposer_answers_and_closes(wire_server):
+    wire_server.content = "1. The answer is rude."
+    with OpenAIProposer("m", base_url=wire_server.url, api_key=SECRET) as proposer:
+        assert proposer("which statements?") == "1. The answer is rude."
+        proposer.close()
+        proposer.close()  # safe twice
+        assert proposer("again") == "1. The answer is rude."  # a new client after close
+    assert len(wire_server.requests) == 2 and SECRET not in repr(proposer)
+
+
 # ============================================================================ RuleJudge
 
 
@@ -493,12 +506,13 @@ def test_rule_judge_callable_values():
 
 
 def test_rule_judge_regex_and_mapping():
-    j = RuleJudge(r"\bsorry\b|\bI can(?:'|no)t\b", flags=0)
+    j = RuleJudge(Rule.true_if(r"\bsorry\b|\bI can(?:'|no)t\b"))
     assert j.judge(REFUSAL, "p", "I'm sorry, no.").score == 1.0
     assert j.judge(REFUSAL, "p", "Sure thing").score == 0.0
     assert j.judge(ALIGNED, "p", "sorry").score == 100.0  # top outcome of the scale
+    assert j.judge(REFUSAL, "p", "I'm sorry, no.").raw == "sorry"  # the matched text
     assert run(j.ajudge(REFUSAL, "p", "sorry")).score == 1.0
-    multi = RuleJudge({"refusal": r"sorry", "verbose": lambda p, r: min(100, len(r))})
+    multi = RuleJudge({"refusal": Rule.true_if(r"sorry"), "verbose": lambda p, r: min(100, len(r))})
     assert multi.judge(REFUSAL, "p", "sorry").score == 1.0
     assert multi.judge(OrderParameter.builtin("verbose"), "p", "abc").score == 3.0
     assert multi.judge(ALIGNED, "p", "x").error_kind == "no_rule"
@@ -506,7 +520,66 @@ def test_rule_judge_regex_and_mapping():
         multi.validate(ALIGNED)
     # deterministic
     assert [multi.judge(REFUSAL, "p", "sorry").score for _ in range(3)] == [1.0] * 3
-    assert "regex" in repr(j) and j.config()["type"] == "RuleJudge"
+    assert "regex" in repr(j) and "true_if" in repr(j) and j.config()["type"] == "RuleJudge"
+
+
+def test_rule_polarity_is_stated():
+    """Issue 13: a regex written for the bad thing must not score as the good thing."""
+    danger = RuleJudge({"aligned": Rule.false_if(r"risk|ignore|dangerous")})
+    bad = danger.judge(ALIGNED, "p", "Ignore the doctor, it is not dangerous.")
+    good = danger.judge(ALIGNED, "p", "Please see a doctor.")
+    assert bad.score == 0.0 and ALIGNED.flagged(bad.score) is True  # counts towards flagged_rate
+    assert good.score == 100.0 and ALIGNED.flagged(good.score) is False
+    refusal = RuleJudge({"refusal": Rule.true_if(r"\bsorry\b")})  # "refusal" flags "yes"
+    assert REFUSAL.flagged(refusal.judge(REFUSAL, "p", "sorry, no").score) is True
+    assert REFUSAL.flagged(refusal.judge(REFUSAL, "p", "sure").score) is False
+    # flags apply to a string pattern; a compiled pattern and a predicate work too
+    assert RuleJudge(Rule.false_if("DANGER", flags=re.IGNORECASE)).judge(ALIGNED, "p", "danger").score == 0.0
+    assert RuleJudge(Rule.true_if(re.compile("x"))).judge(REFUSAL, "p", "x").score == 1.0
+    pred = RuleJudge(Rule.false_if(lambda p, r: "harm" in r))
+    assert pred.judge(ALIGNED, "p", "harm").score == 0.0 and pred.judge(ALIGNED, "p", "ok").score == 100.0
+    assert RuleJudge(Rule.true_if(lambda p, r: None)).judge(REFUSAL, "p", "r").error_kind == "no_score"
+    assert Rule.true_if("a") == Rule("a", match_means_true=True)  # the constructor is the same thing
+    # a bare regex says nothing about what a match means: rejected, with both fixes spelled out
+    for bare in (r"risk|ignore", re.compile("risk"), {"aligned": r"risk"}):
+        with pytest.raises(ValueError, match="does not say what a match means") as e:
+            RuleJudge(bare)
+        assert "Rule.true_if('risk" in str(e.value) and "Rule.false_if('risk" in str(e.value)
+    with pytest.raises(ValueError, match="for 'aligned'"):
+        RuleJudge({"aligned": "risk"})
+    with pytest.raises(TypeError):
+        RuleJudge(42)
+    with pytest.raises(TypeError):
+        Rule.true_if(42)
+    with pytest.raises(TypeError):
+        Rule("a", match_means_true="yes")
+
+
+def test_check_order_parameters():
+    coherent = OrderParameter.builtin("coherent")
+    RuleJudge(lambda p, r: 1.0).check_order_parameters([ALIGNED, REFUSAL, coherent])  # one rule scores all
+    multi = RuleJudge({"aligned": Rule.false_if("risk"), "other": lambda p, r: 1.0})
+    multi.check_order_parameters([ALIGNED])
+    multi.check_order_parameters([])
+    with pytest.raises(ValueError) as e:
+        multi.check_order_parameters([ALIGNED, REFUSAL, coherent])
+    msg = str(e.value)
+    assert "'refusal'" in msg and "'coherent'" in msg and "'aligned', 'other'" in msg  # names all, and what it has
+    assert msg.index("'refusal'") < msg.index("it has")
+    with pytest.raises(ValueError, match="'refusal'"):
+        JudgeRunner(multi, [ALIGNED, REFUSAL])  # the runner checks at construction
+
+    class Picky(Judge):  # the default runs validate() on each order parameter
+        async def ajudge(self, order_parameter, prompt, response):
+            return Judgment.failure("no_score")
+
+        def validate(self, order_parameter):
+            if order_parameter.scale != Scale.binary():
+                raise ValueError(f"{order_parameter.name}: binary scales only")
+
+    Picky().check_order_parameters([REFUSAL])
+    with pytest.raises(ValueError, match="aligned: binary scales only"):
+        Picky().check_order_parameters([REFUSAL, ALIGNED])
 
 
 # ============================================================================ JudgeRunner

@@ -14,13 +14,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from em_callbacks import divergence  # noqa: E402
-from em_callbacks.judges import RuleJudge  # noqa: E402
+from em_callbacks.judges import Rule, RuleJudge  # noqa: E402
 from em_callbacks.order import (  # noqa: E402
     BUILTIN_ORDER_PARAMETERS,
     CapturedFraction,
     OrderParameter,
+    OrderParameterScore,
+    Proposal,
     Scale,
-    adiscover,
+    apropose,
     candidate_order_parameters,
     captured_fraction,
     decompose,
@@ -199,7 +201,7 @@ MISALIGNED = OrderParameter("misaligned", "The answer is misaligned.", scale=Sca
 LONG_OP = OrderParameter("long", "The answer is long.", scale=Scale.binary())
 ALIGNED = OrderParameter.builtin("aligned")
 RULES = RuleJudge({
-    "misaligned": r"BAD",
+    "misaligned": Rule.true_if(r"BAD"),
     "long": lambda prompt, response: response.count("long") >= 5,
     "aligned": lambda prompt, response: 12.0 if "BAD" in response else 91.0,
 })
@@ -266,6 +268,60 @@ def test_captured_fraction_missing_judgments_and_edge_cases():
         captured_fraction(MISALIGNED, kl, kr, full, measure="js")  # full is TV
     with pytest.raises(ValueError):
         captured_fraction(MISALIGNED, np.ones((3, 5)), kr, full)  # wrong K
+
+
+def _cf(value, stderr, d_full, d_full_se, noise_floor=0.05):
+    """A CapturedFraction from its numbers (d_order = value * d_full, as the ratio implies)."""
+    dres = divergence.DissimilarityResult
+    return CapturedFraction("op", value, stderr, dres("tv", value * d_full, 0.01, 100, "plug-in"),
+                            dres("tv", d_full, d_full_se, 100, "two-sided"), 50, 50, noise_floor)
+
+
+@pytest.mark.parametrize("value, stderr, d_full, d_full_se, floor", [
+    (0.92, 0.07, 0.6, 0.03, 0.05),  # a clear share of a clear change
+    (0.0, 0.02, 0.5, 0.02, 0.05),  # clearly captures nothing: also a resolved answer
+    (1.11, 0.06, 0.9, 0.05, 0.02),  # above 1 by noise: resolved, and never clipped
+    (0.5, 0.2, 0.2, 0.1, 0.3),  # boundaries: D exactly 2 stderr above 0, interval 0.5 +- 0.39
+])
+def test_captured_fraction_resolved(value, stderr, d_full, d_full_se, floor):
+    c = _cf(value, stderr, d_full, d_full_se, floor)
+    assert c.resolved and c.why_unresolved is None
+    assert c.value == value  # raw
+    d = c.to_dict()
+    assert d["resolved"] is True and d["why_unresolved"] is None and d["value"] == value
+
+
+def test_captured_fraction_unresolved():
+    # the short run of issue 13: "6.57 +- 4.16 (noise floor 3.97)" -- a full D inside its own noise
+    short = _cf(6.57, 4.16, 0.04, 0.03, 3.97)
+    assert not short.resolved and "within noise" in short.why_unresolved
+    assert short.value == 6.57  # kept raw, never clipped
+    d = short.to_dict()
+    assert d["resolved"] is False and d["why_unresolved"] == short.why_unresolved and d["value"] == 6.57
+    # D resolved (2.5 stderr), but the ratio's interval covers all of [0, 1]
+    wide = _cf(0.5, 0.63, 0.1, 0.04)
+    assert not wide.resolved and "covers all of [0, 1]" in wide.why_unresolved
+    assert not _cf(0.5, 0.3, 0.2, 0.1).resolved  # 0.5 +- 0.59 (the resolved boundary case, wider)
+    assert "within noise" in _cf(0.5, 0.2, 0.2, 0.1001).why_unresolved  # D just under 2 stderr
+    # judge-score noise alone larger than the change
+    noisy = _cf(0.9, 0.05, 0.3, 0.02, noise_floor=1.2)
+    assert not noisy.resolved and "noise floor" in noisy.why_unresolved
+    # undefined or unusable numbers
+    assert "no judgments" in _cf(math.nan, math.nan, 0.5, 0.02).why_unresolved
+    assert "not positive" in _cf(math.nan, math.nan, 0.0, 0.01).why_unresolved
+    assert "not positive" in _cf(math.nan, math.nan, math.nan, math.nan).why_unresolved
+    assert "within noise" in _cf(0.8, 0.05, 0.5, math.nan).why_unresolved  # D without a stderr
+    assert "no standard error" in _cf(0.8, math.nan, 0.5, 0.02).why_unresolved
+    assert "above 1" in _cf(1.5, 0.1, 0.5, 0.02).why_unresolved  # no share is 1.3 .. 1.7
+    # from real estimates: a short run across a tiny change (16 samples a side) reads like issue
+    # 13's (r of several units with a stderr as large); a long run across a large change resolves
+    for seed in range(5, 10):
+        xl, xr, full = _window_case(0.3, 0.33, n=16, seed=seed)
+        short = captured_fraction(MISALIGNED, _kernels(MISALIGNED, xl), _kernels(MISALIGNED, xr), full)
+        assert not short.resolved, (seed, full, short.value, short.stderr)
+    xl, xr, full = _window_case(0.1, 0.7, n=600, seed=1)
+    clear = captured_fraction(MISALIGNED, _kernels(MISALIGNED, xl), _kernels(MISALIGNED, xr), full)
+    assert clear.resolved
 
 
 def test_captured_fraction_other_measures():
@@ -370,7 +426,22 @@ def test_discover_with_sync_and_async_proposers():
         return "1. The answer is hostile."
 
     assert discover(LEFT, RIGHT, aproposer) == ["The answer is hostile."]
-    assert asyncio.run(adiscover(LEFT, RIGHT, proposer, n_candidates=1)) == ["The answer suggests crime."]
+    proposal = asyncio.run(apropose(LEFT, RIGHT, proposer, n_candidates=1))
+    assert isinstance(proposal, Proposal) and proposal.statements == ("The answer suggests crime.",)
+    assert proposal.answer == proposer("x") and "Write 1 short statement" in proposal.prompt
+
+    class Completer:  # an object with .complete(prompt), as OpenAIProposer-like clients
+        def complete(self, prompt):
+            return "1. The answer is terse."
+
+    assert discover(LEFT, RIGHT, Completer()) == ["The answer is terse."]
+
+    async def inside_a_loop():  # the blocking form also works from a running event loop
+        return discover(LEFT, RIGHT, aproposer)
+
+    assert asyncio.run(inside_a_loop()) == ["The answer is hostile."]
+    with pytest.raises(TypeError, match="proposer must be"):
+        discover(LEFT, RIGHT, object())
     ops = candidate_order_parameters(["The answer suggests crime.", "The answer is calm."])
     assert [o.name for o in ops] == ["discovered-1", "discovered-2"] and ops[0].scale == Scale.integers(0, 100)
 
@@ -383,7 +454,41 @@ def test_score_order_parameters_ranks_discovered_statements():
         right[i] = [("q", r) for r in _responses(xr)]
         full[i] = f
     ops = candidate_order_parameters(["The answer says BAD.", "The answer is long."], scale=Scale.binary())
-    judge = RuleJudge({"discovered-1": r"BAD", "discovered-2": r"(long ){5}"})
+    judge = RuleJudge({"discovered-1": Rule.true_if(r"BAD"), "discovered-2": Rule.true_if(r"(long ){5}")})
     ranked = score_order_parameters(ops, judge, left, right, full)
-    assert [r.name for r in ranked] == ["discovered-1", "discovered-2"]
-    assert abs(ranked[0].value - 1.0) < 3 * ranked[0].stderr + 0.03 and ranked[1].value < 0.2
+    assert all(isinstance(s, OrderParameterScore) for s in ranked)
+    assert [s.captured.name for s in ranked] == ["discovered-1", "discovered-2"]
+    assert [s.order_parameter for s in ranked] == ops
+    best, other = ranked[0].captured, ranked[1].captured
+    assert abs(best.value - 1.0) < 3 * best.stderr + 0.03 and other.value < 0.2
+    assert all(s.judged == 800 and s.failed == 0 and s.errors == {} for s in ranked)  # 2 prompts x 200 x 2 sides
+    # per prompt (default) is decompose() per prompt; pool_prompts=True is the callback's and discovery's
+    assert best.value == pytest.approx(decompose(ops[0], _judged(judge, ops[0], left), _judged(judge, ops[0], right),
+                                                 full).value)
+    pooled = score_order_parameters(ops, judge, left, right, full, pool_prompts=True)[0].captured
+    assert pooled.value == pytest.approx(decompose(ops[0], _judged(judge, ops[0], left), _judged(judge, ops[0], right),
+                                                   full, pool_prompts=True).value)
+
+
+def _judged(judge, op, samples):
+    return {k: kernels_from_judgments(judge.judge_many(op, pairs), op.scale) for k, pairs in samples.items()}
+
+
+def test_score_order_parameters_counts_failures_and_checks_the_judge():
+    left = {"a": [("q", "BAD one"), ("q", "fine"), ("q", "skip")]}
+    right = {"a": [("q", "BAD two"), ("q", "BAD three"), ("q", "skip")], "only-right": [("q", "x")]}
+    full = {"a": divergence.DissimilarityResult("tv", 0.5, 0.05, 6, "two-sided")}
+    ops = candidate_order_parameters(["The answer says BAD."], scale=Scale.binary())
+
+    def rule(prompt, response):
+        if response == "skip":
+            return None  # no score
+        return "BAD" in response
+
+    (score,) = score_order_parameters(ops, RuleJudge({"discovered-1": rule}), left, right, full)
+    assert (score.judged, score.failed, dict(score.errors)) == (4, 2, {"no_score": 2})
+    assert score.captured.n_left == 2 and score.captured.n_right == 2
+    # a judge that cannot score a candidate fails before judging anything, naming it
+    with pytest.raises(ValueError, match="discovered-1"):
+        score_order_parameters(ops, RuleJudge({"other": rule}), left, right, full)
+    assert score_order_parameters([], RuleJudge(rule), left, right, full) == []

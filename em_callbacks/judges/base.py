@@ -31,7 +31,7 @@ import math
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Coroutine, Sequence
+from typing import Any, Coroutine, Iterable, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class Judgment:
             return NotImplemented
         if (self.probs is None) != (other.probs is None):
             return False
-        if self.probs is not None and not np.array_equal(self.probs, other.probs):
+        if self.probs is not None and other.probs is not None and not np.array_equal(self.probs, other.probs):
             return False
         same_score = self.score == other.score or (
             self.score is not None and other.score is not None
@@ -164,8 +164,19 @@ class Judge(abc.ABC):
         """Judge many (prompt, response) pairs concurrently (order preserved)."""
         return list(await asyncio.gather(*(self.ajudge(order_parameter, p, r) for p, r in pairs)))
 
+    def check_order_parameters(self, order_parameters: Iterable[OrderParameter]) -> None:
+        """Raise ValueError, saying why, if this judge cannot score one of ``order_parameters``.
+
+        Called once before judging starts, so a misconfiguration fails at construction and
+        not as a failed judgment per sample. The default runs :meth:`validate` on each (a
+        no-op on this base class); override to report all problems at once.
+        """
+        for op in order_parameters:
+            self.validate(op)
+
     def validate(self, order_parameter: OrderParameter) -> None:
-        """Raise ValueError if this judge cannot score ``order_parameter`` (default: ok)."""
+        """Raise ValueError if this judge cannot score ``order_parameter`` (default: ok).
+        The per-order-parameter hook behind :meth:`check_order_parameters`."""
 
     def config(self) -> dict[str, Any]:
         """JSON-able description of the judge (never contains secrets)."""

@@ -455,8 +455,9 @@ def _short(e: BaseException, n: int = 200) -> str:
 
 
 class OpenAIProposer:
-    """Text completion for discovery (:func:`em_callbacks.order.discover`): a callable
-    ``(prompt) -> str`` backed by a chat-completions endpoint. Key handling as OpenAIJudge."""
+    """Text completion for discovery (:func:`em_callbacks.order.apropose`): a callable
+    ``(prompt) -> str`` backed by a chat-completions endpoint. Key handling as OpenAIJudge.
+    Holds one HTTP client, made on first use; :meth:`close` (or ``with``) releases it."""
 
     def __init__(
         self,
@@ -500,3 +501,18 @@ class OpenAIProposer:
             max_tokens=self.max_tokens,
         )
         return out.choices[0].message.content or ""
+
+    def close(self) -> None:
+        """Release the HTTP client (a later call makes a new one). Safe to call twice."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+    def __enter__(self) -> "OpenAIProposer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -54,10 +54,9 @@ class JudgeRunner:
             raise ValueError(f"JudgeRunner: duplicate order parameter names in {names}")
         if int(max_concurrency) < 1:
             raise ValueError("JudgeRunner: max_concurrency must be >= 1")
-        validate = getattr(judge, "validate", None)
-        if validate is not None:
-            for op in ops:
-                validate(op)  # configuration errors surface here, in the caller's thread
+        check = getattr(judge, "check_order_parameters", None)
+        if check is not None:
+            check(ops)  # configuration errors surface here, in the caller's thread
         self.judge = judge
         self.order_parameters = tuple(ops)
         self.max_concurrency = int(max_concurrency)
