@@ -8,7 +8,8 @@ from .probes import Probe, ProbeSet
 
 __version__ = "0.1.0"
 
-__all__ = ["PhaseTransitionCallback", "ProbeSet", "Probe", "OrderParameter", "Scale", "__version__"]
+__all__ = ["PhaseTransitionCallback", "analyze_checkpoints", "ProbeSet", "Probe", "OrderParameter", "Scale",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,6 +18,10 @@ def __getattr__(name: str):
         from .callback import PhaseTransitionCallback
 
         return PhaseTransitionCallback
+    if name == "analyze_checkpoints":
+        from .analyze import analyze_checkpoints
+
+        return analyze_checkpoints
     if name in ("OrderParameter", "Scale"):
         from . import order
 
