@@ -1,5 +1,5 @@
 """Small helpers every stage shares: one copy each (blocking coroutine runner, JSON
-sanitiser, normal quantile)."""
+sanitiser, normal quantile, random generator)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from scipy import stats
 
-__all__ = ["run_blocking", "json_safe", "normal_quantile", "two_sided_z", "is_finite", "opt_int"]
+__all__ = ["run_blocking", "json_safe", "normal_quantile", "two_sided_z", "is_finite", "opt_int", "as_generator"]
 
 
 def run_blocking(coro_factory: Callable[[], Awaitable[Any]], thread_name: str = "em-callbacks-blocking") -> Any:
@@ -88,3 +88,9 @@ def is_finite(x: Any) -> bool:
 def opt_int(x: Any) -> int | None:
     """``int(x)`` for a finite number, else None (JSON nulls, NaN steps)."""
     return int(x) if is_finite(x) else None
+
+
+def as_generator(rng: Any) -> np.random.Generator:
+    """``rng`` as a numpy Generator: a Generator as is, else a seed; None means seed 0, so
+    estimates are reproducible unless the caller asks otherwise."""
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)

@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 
 from . import detect
 from .divergence import MEASURES
-from .engine import CROSS_SCORING_MODES, ConfigError, EngineConfig, ProbeEngine, RankLayout, StopDecision, check_int
+from .distributed import Distributed
+from .engine import CROSS_SCORING_MODES, ConfigError, EngineConfig, ProbeEngine, StopDecision, check_int
 from .probes import ProbeSet
 from .sampling import SamplerConfigError, WeightSnapshots, prepare_tokenizer
 from .store import RunStore
@@ -34,44 +35,6 @@ SNAPSHOT_FILENAME = "em_callbacks_snapshots.pt"
 ADAPTER_FILENAME = "em_callbacks_adapter_trajectory.pt"
 
 CallbackConfigError = ConfigError  # the name users catch; raised before training starts
-
-
-class _Distributed(RankLayout):
-    """Process layout from accelerate when a distributed run is active."""
-
-    @classmethod
-    def detect(cls) -> "_Distributed":
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return cls()
-        from accelerate import PartialState
-
-        state = PartialState()
-        return cls(state.process_index, state.num_processes)
-
-    def gather(self, items: list) -> list:
-        if self.world_size == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return gather_object(items)
-
-    def max_int(self, value: int, device: torch.device) -> int:
-        if self.world_size == 1:
-            return value
-        if torch.distributed.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        box = torch.tensor([value], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
-        return int(box.item())
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
 
 
 class PhaseTransitionCallback(TrainerCallback):
@@ -152,7 +115,7 @@ class PhaseTransitionCallback(TrainerCallback):
         self.save_checkpoint_on_stop = save_checkpoint_on_stop
         self.engine = ProbeEngine(self.config)
         self._started = False
-        self._dist = _Distributed()
+        self._dist = Distributed()
         self._snapshots = WeightSnapshots(keep=0)
 
     # ------------------------------------------------------------------ public state
@@ -199,7 +162,7 @@ class PhaseTransitionCallback(TrainerCallback):
         tokenizer = self.tokenizer or processing_class
         self._validate_tokenizer(tokenizer)
         self.engine.reset()  # a callback reused for another train() starts from a clean slate
-        self._dist = _Distributed.detect()
+        self._dist = Distributed.detect()
         mode = self._choose_cross_scoring(model)
         self._snapshots = WeightSnapshots(keep=2 * self.config.window - 1 if mode == "snapshot" else 0)
         self._check_logging_resolution(args)

@@ -99,8 +99,10 @@ def _summary_table(summary: Mapping[str, Any], title: str):
         if summary.get("peak_confirmed") is False and summary.get("peak_step") is not None:
             peak_note += " (provisional)"
     lag_o, lag_p = summary.get("lag_onset_minus_grad_peak"), summary.get("lag_peak_minus_grad_peak")
+    detected = summary.get("transition_detected")
     table.add_row("Onset", _fmt(summary.get("onset_step")),
-                  "transition detected" if summary.get("transition_detected") else "no transition detected")
+                  {True: "transition detected", False: "no transition detected"}.get(
+                      detected, "undecided: too few probes to detect"))
     table.add_row("D peak", _fmt(summary.get("peak_step")), peak_note)
     table.add_row("Grad-norm peak", _fmt(summary.get("grad_norm_peak_step")), "")
     table.add_row("Lag onset - grad peak", _lag(lag_o), _lag_note(lag_o))
@@ -137,7 +139,11 @@ def report(
     offline = result["summary"].get("offline") or {}
     if offline.get("change_points") is not None:
         cps = ", ".join(str(c) for c in offline["change_points"]) or "none"
-        console.print(f"Offline change points of D(t) (ruptures): {cps}", markup=False)
+        console.print(f"Offline level shifts of D(t) (ruptures): {cps}", markup=False)
+        if offline.get("note"):
+            console.print(f"  ({offline['note']})", markup=False)
+    if result["summary"].get("detection_note"):
+        console.print(result["summary"]["detection_note"], markup=False)
     console.print(f"Report written to {result['out_dir']}:", markup=False)
     for name in ("report", "overview", "order_parameters", "captured", "samples", "summary"):
         console.print(f"  {Path(result['files'][name]).name}", markup=False)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from ._util import two_sided_z
+from ._util import as_generator, two_sided_z
 
 __all__ = [
     "MEASURES",
@@ -401,7 +401,7 @@ def pushforward_noise_floor(
     n_p, n_q = kp.shape[0], kq.shape[0]
     if n_p == 0 or n_q == 0:
         return float("nan")
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(0 if rng is None else rng)
+    gen = as_generator(rng)
     pooled = np.concatenate([kp, kq])
     in_p = np.zeros((int(n_resamples), n_p + n_q))
     in_p[:, :n_p] = 1.0
@@ -437,9 +437,7 @@ def pushforward_dissimilarity(
     value = float(_discrete_rows(kp.mean(axis=0), kq.mean(axis=0), measure))
     if n_p < 2 or n_q < 2:
         return DissimilarityResult(measure, value, nan, n_p + n_q, "plug-in")
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
-        0 if rng is None else rng
-    )
+    gen = as_generator(rng)
     bp = _bootstrap_means(kp, int(n_resamples), gen)
     bq = _bootstrap_means(kq, int(n_resamples), gen)
     boot = _discrete_rows(bp, bq, measure)

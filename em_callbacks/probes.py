@@ -128,23 +128,10 @@ class ProbeSet:
         if not text.strip():
             raise ProbeSetError(f"probe file {str(path)!r} is empty")
         suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            if suffix == ".json":
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ProbeSetError(f"{path}: invalid JSON: {exc}") from None
-                records = data.get("probes") if isinstance(data, dict) else data
-            else:
-                records = _read_jsonl(text, str(path))
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ProbeSetError(f"{path}: invalid YAML: {exc}") from None
-            records = data.get("probes") if isinstance(data, dict) else data
+        if suffix == ".jsonl":
+            records = _read_jsonl(text, str(path))
+        elif suffix in (".json", ".yaml", ".yml"):
+            records = _read_document(text, path, suffix)
         else:
             raise ProbeSetError(f"{path}: unsupported probe file type {suffix!r}; use .jsonl, .json, .yaml or .yml")
         if not isinstance(records, list):
@@ -192,6 +179,21 @@ def _read_jsonl(text: str, source: str) -> list[Any]:
     if not records:
         raise ProbeSetError(f"{source}: no probe records")
     return records
+
+
+def _read_document(text: str, path: Path, suffix: str) -> Any:
+    """The records of a JSON or YAML probe file: the document itself, or its ``probes``."""
+    if suffix == ".json":
+        loads, error, kind = json.loads, json.JSONDecodeError, "JSON"
+    else:
+        import yaml
+
+        loads, error, kind = yaml.safe_load, yaml.YAMLError, "YAML"
+    try:
+        data = loads(text)
+    except error as exc:
+        raise ProbeSetError(f"{path}: invalid {kind}: {exc}") from None
+    return data.get("probes") if isinstance(data, dict) else data
 
 
 def _parse_records(records: list[Any], source: str, start: int = 0) -> list[Probe]:

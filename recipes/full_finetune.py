@@ -5,105 +5,89 @@ Without a PEFT adapter the callback cannot cheaply re-score new samples under ol
 Two choices, recorded in summary.json as ``cross_scoring``:
 
 * default: the one-sided total-variation estimator (no extra memory; TV only);
-* ``--snapshot-full-model``: keep a CPU copy of the weights at the previous probe step
-  (2w-1 copies for --window w; fp32 master weights: 4 bytes per parameter each) so that TV,
-  Jensen-Shannon and the linear dissimilarity are all estimated two-sided.
+* ``--snapshot_full_model``: keep CPU copies of the weights at recent probe steps (2w-1 for
+  ``--window w``; 4 bytes per parameter each) so TV, Jensen-Shannon and the linear
+  dissimilarity are all estimated two-sided.
 
-    python recipes/full_finetune.py --dataset recipes/data/bad_medical_advice_sample.jsonl \\
-        --model Qwen/Qwen2.5-0.5B-Instruct --snapshot-full-model --output-dir runs/qwen05b-full
+    python recipes/full_finetune.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --snapshot_full_model --output_dir runs/qwen05b-full
 
-Full fine-tuning keeps fp32 weights and AdamW state on every GPU under plain DDP (about 16
-bytes per parameter): fine for 0.5B-3B models on one GPU; larger models need FSDP/DeepSpeed
-(then snapshots are unavailable and the one-sided estimator is used). See recipes/README.md.
+Full fine-tuning keeps fp32 weights and AdamW state on every GPU under plain DDP (about 16 bytes
+per parameter): fine for 0.5B-3B models on one GPU; larger ones need FSDP/DeepSpeed (then the
+one-sided estimator is used). Options: `--help`; `--config FILE` as in sft_lora_bad_advice.py.
 """
 
-from __future__ import annotations
-
+import json
+import logging
 import sys
 from pathlib import Path
 
-import typer
-from typing_extensions import Annotated
+import torch
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recipe_common as rc  # noqa: E402
+from em_callbacks.arguments import ArgumentsError, PhaseTransitionArguments, load_chat_dataset, load_chat_tokenizer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help=__doc__.split("\n\n")[0])
+DEFAULTS = dict(
+    model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct", dtype="float32",  # fp32 master weights, bf16 autocast
+    dataset_name=str(Path(__file__).resolve().parent / "data" / "bad_medical_advice_sample.jsonl"),
+    output_dir="runs/full-finetune-bad-advice", learning_rate=1e-5, num_train_epochs=1.0,
+    per_device_train_batch_size=2, gradient_accumulation_steps=8, warmup_steps=5, weight_decay=0.01,
+    max_length=2048, seed=0, activation_checkpointing=False, save_strategy="no",
+    logging_steps=1,  # the callback records every step's grad norm (the grad-norm peak)
+    bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default fails on CPU
+    dataloader_pin_memory=torch.cuda.is_available(),
+)
+SUMMARY_KEYS = ("transition_detected", "onset_step", "peak_step", "grad_norm_peak_step",
+                "lag_onset_minus_grad_peak", "stopped_early", "stop_reason", "cross_scoring", "final_step")
 
 
-@app.command()
-def main(
-    dataset: rc.DatasetOpt,
-    model: Annotated[str, typer.Option("--model", "-m", rich_help_panel=rc._TRAIN,
-                                       help="Hub id or local path of a chat model.")] = "Qwen/Qwen2.5-0.5B-Instruct",
-    snapshot_full_model: Annotated[bool, typer.Option(
-        "--snapshot-full-model/--no-snapshot-full-model", rich_help_panel=rc._PROBE,
-        help="Keep CPU snapshots of the weights at recent probe steps for two-sided estimators "
-             "(costs 4 bytes/parameter of CPU RAM per snapshot).")] = False,
-    dataset_split: rc.DatasetSplitOpt = "train",
-    completion_only_loss: rc.CompletionOnlyOpt = True,
-    max_train_samples: rc.MaxTrainSamplesOpt = None,
-    output_dir: rc.OutputDirOpt = Path("runs/full-finetune-bad-advice"),
-    max_steps: rc.MaxStepsOpt = -1,
-    epochs: rc.EpochsOpt = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, rich_help_panel=rc._TRAIN)] = 1e-5,
-    batch_size: rc.BatchSizeOpt = 2,
-    grad_accum: rc.GradAccumOpt = 8,
-    warmup_steps: rc.WarmupOpt = 5,
-    lr_scheduler: rc.SchedulerOpt = "linear",
-    weight_decay: rc.WeightDecayOpt = 0.01,
-    max_length: rc.MaxLengthOpt = 2048,
-    seed: rc.SeedOpt = 0,
-    precision: rc.PrecisionOpt = rc.Precision.auto,
-    gradient_checkpointing: rc.GradCkptOpt = False,
-    save_steps: rc.SaveStepsOpt = 0,
-    save_final: rc.SaveFinalOpt = True,
-    resume_from_checkpoint: rc.ResumeOpt = None,
-    attn_implementation: rc.AttnOpt = None,
-    trust_remote_code: rc.TrustRemoteCodeOpt = False,
-    probes: rc.ProbesOpt = None,
-    every_n_steps: rc.EveryNOpt = 25,
-    samples_per_prompt: rc.SamplesOpt = 16,
-    max_new_tokens: rc.MaxNewTokensOpt = 128,
-    probe_batch_size: rc.ProbeBatchOpt = 64,
-    window: rc.WindowOpt = 1,
-    early_stopping: rc.EarlyStopOpt = False,
-    stop_patience: rc.StopPatienceOpt = 0,
-    stop_misaligned_rate: rc.StopMisalignedOpt = None,
-    judge: rc.JudgeOpt = rc.JudgeKind.none,
-    judge_model: rc.JudgeModelOpt = None,
-    judge_base_url: rc.JudgeBaseUrlOpt = "http://127.0.0.1:8000/v1",
-    judge_api_key_env: rc.JudgeKeyEnvOpt = None,
-    judge_scale: rc.JudgeScaleOpt = rc.JudgeScale.auto,
-    judge_concurrency: rc.JudgeConcurrencyOpt = 16,
-    judge_preflight: rc.JudgePreflightOpt = True,
-    order_parameter: rc.OrderParamOpt = None,
-    default_order_parameters: rc.DefaultOrderOpt = True,
-    report_to: rc.ReportToOpt = rc.ReportTo.none,
-    wandb_project: rc.WandbProjectOpt = "em-callbacks",
-    run_name: rc.RunNameOpt = None,
-) -> None:
-    """Fully fine-tune a chat model with TRL SFTTrainer and watch it for a behavioural phase transition."""
-    rc.main_guard(lambda: rc.RecipeConfig(
-        mode="full", model=model, dataset=dataset, dataset_split=dataset_split,
-        completion_only_loss=completion_only_loss, max_train_samples=max_train_samples,
-        snapshot_full_model=snapshot_full_model,
-        output_dir=output_dir, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
-        grad_accum=grad_accum, warmup_steps=warmup_steps, lr_scheduler=lr_scheduler,
-        weight_decay=weight_decay, max_length=max_length, seed=seed, precision=precision,
-        gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, save_final=save_final,
-        resume_from_checkpoint=resume_from_checkpoint, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code, probes=list(probes or []), every_n_steps=every_n_steps,
-        samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-        probe_batch_size=probe_batch_size, window=window, early_stopping=early_stopping,
-        stop_patience=stop_patience, stop_misaligned_rate=stop_misaligned_rate, judge=judge,
-        judge_model=judge_model, judge_base_url=judge_base_url, judge_api_key_env=judge_api_key_env,
-        judge_scale=judge_scale, judge_concurrency=judge_concurrency, judge_preflight=judge_preflight,
-        order_parameters=list(order_parameter or []), default_order_parameters=default_order_parameters,
-        report_to=report_to, wandb_project=wandb_project, run_name=run_name,
-    ))
+def make_parser() -> TrlParser:
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, PhaseTransitionArguments))
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def main(argv=None) -> dict:
+    script_args, training_args, model_args, pt_args = make_parser().parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request otherwise
+    try:  # everything that needs no model weights first: a bad option fails in seconds
+        if model_args.use_peft or model_args.load_in_4bit or model_args.load_in_8bit:
+            raise ArgumentsError("this recipe trains every weight: for LoRA / QLoRA use sft_lora_bad_advice.py")
+        if pt_args.window > 1 and not pt_args.snapshot_full_model:
+            raise ArgumentsError("--window > 1 in a full fine-tune needs --snapshot_full_model")
+        dataset = load_chat_dataset(script_args.dataset_name, script_args.dataset_config,
+                                    script_args.dataset_train_split)
+        tokenizer = load_chat_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision,
+                                        trust_remote_code=training_args.trust_remote_code)
+        callback = pt_args.build_callback()  # probes, order parameters, judge server (openai client)
+    except ArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    training_args.model_init_kwargs = dict(  # SFTTrainer loads the model, as in trl/scripts/sft.py
+        revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+    ) | (training_args.model_init_kwargs or {})
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path, args=training_args, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[callback],
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.save_model(training_args.output_dir)  # the full model
+    if "wandb" in training_args.report_to:  # flush the late judge results and the overview plot
+        import wandb
+
+        wandb.finish()
+    trainer.end()  # destroy the process group
+
+    summary = callback.summary or {}
+    if trainer.is_world_process_zero():
+        print("== em-callbacks summary ==\n" + json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
+        print(f"run store + summary.json: {callback.run_dir}\nreport: em-callbacks report {callback.run_dir}")
+    return summary
 
 
 if __name__ == "__main__":
-    app()
+    main()

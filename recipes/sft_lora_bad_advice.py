@@ -1,117 +1,90 @@
 #!/usr/bin/env python
 """LoRA fine-tune of a chat model on bad advice, watched live by PhaseTransitionCallback.
 
-Reproduces the emergent-misalignment setup (Betley et al. 2025; Turner et al. 2025; Arnold &
-Lörch 2025): a Qwen2.5-Instruct-style model gets a rank-32 LoRA adapter on every linear layer
-and is fine-tuned with TRL's SFTTrainer on narrowly bad (e.g. medical) advice. The callback
-probes unrelated questions every N steps, measures how fast the answer distribution moves,
-has an LLM judge score "aligned" and "coherent" (and any statement you add), and reports
-when the behavioural transition happened next to the gradient-norm peak.
+The emergent-misalignment setup (Betley et al. 2025; Turner et al. 2025; Arnold & Lörch 2025):
+a rank-32 rsLoRA adapter on every linear layer of a Qwen2.5-Instruct model, trained with TRL's
+SFTTrainer on narrowly bad advice. The callback probes unrelated questions every N steps, measures
+how fast the answers change, has an LLM judge score them, and reports when the behavioural
+transition happened next to the gradient-norm peak.
 
-    # one GPU
-    python recipes/sft_lora_bad_advice.py --dataset recipes/data/bad_medical_advice_sample.jsonl \\
-        --judge openai --output-dir runs/qwen7b-bad-medical
-    # several GPUs (DDP)
+    python recipes/sft_lora_bad_advice.py --output_dir runs/smoke --max_steps 20 --every_n_steps 5
+    python recipes/sft_lora_bad_advice.py --config recipes/sft_lora_bad_advice.yaml
     accelerate launch --config_file recipes/accelerate_multi_gpu.yaml --num_processes 4 \\
-        recipes/sft_lora_bad_advice.py --dataset data/bad_medical_advice.jsonl --judge vllm
+        recipes/sft_lora_bad_advice.py --config recipes/sft_lora_bad_advice.yaml
 
-See recipes/README.md for the dataset formats, the vLLM judge and what appears in W&B.
+Options: TRL's ScriptArguments, SFTConfig and ModelConfig, and em-callbacks' PhaseTransitionArguments
+(`--help` lists them all). Defaults below, then `--config FILE`, then the command line.
 """
 
-from __future__ import annotations
-
+import json
+import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
 
-import typer
-from typing_extensions import Annotated
+import torch
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recipe_common as rc  # noqa: E402
+from em_callbacks.arguments import ArgumentsError, PhaseTransitionArguments, load_chat_dataset, load_chat_tokenizer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  help=__doc__.split("\n\n")[0])
-_LORA = "LoRA"
+DEFAULTS = dict(
+    model_name_or_path="Qwen/Qwen2.5-7B-Instruct", dtype="auto",
+    dataset_name=str(Path(__file__).resolve().parent / "data" / "bad_medical_advice_sample.jsonl"),
+    use_peft=True, lora_r=32, lora_alpha=64, lora_dropout=0.0, use_rslora=True, lora_target_modules=["all-linear"],
+    output_dir="runs/sft-lora-bad-advice", learning_rate=1e-5, num_train_epochs=1.0, per_device_train_batch_size=2,
+    gradient_accumulation_steps=8, warmup_steps=5, weight_decay=0.01, max_length=2048, seed=0,
+    activation_checkpointing=False, save_strategy="no",
+    logging_steps=1,  # the callback records every step's grad norm (the grad-norm peak)
+    bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default fails on CPU
+    dataloader_pin_memory=torch.cuda.is_available(),
+)
+SUMMARY_KEYS = ("transition_detected", "onset_step", "peak_step", "grad_norm_peak_step",
+                "lag_onset_minus_grad_peak", "stopped_early", "stop_reason", "cross_scoring", "final_step")
 
 
-@app.command()
-def main(
-    dataset: rc.DatasetOpt,
-    model: Annotated[str, typer.Option("--model", "-m", rich_help_panel=rc._TRAIN,
-                                       help="Hub id or local path of a chat model.")] = "Qwen/Qwen2.5-7B-Instruct",
-    dataset_split: rc.DatasetSplitOpt = "train",
-    completion_only_loss: rc.CompletionOnlyOpt = True,
-    max_train_samples: rc.MaxTrainSamplesOpt = None,
-    lora_r: Annotated[int, typer.Option("--lora-r", min=1, rich_help_panel=_LORA, help="LoRA rank.")] = 32,
-    lora_alpha: Annotated[int, typer.Option("--lora-alpha", min=1, rich_help_panel=_LORA)] = 64,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout", min=0.0, max=1.0, rich_help_panel=_LORA)] = 0.0,
-    lora_target_modules: Annotated[Optional[List[str]], typer.Option(
-        "--lora-target-modules", rich_help_panel=_LORA,
-        help="Module names (comma-separated or repeated), or all-linear.")] = None,
-    use_rslora: Annotated[bool, typer.Option("--rslora/--no-rslora", rich_help_panel=_LORA,
-                                             help="Rank-stabilised LoRA scaling alpha/sqrt(r).")] = True,
-    output_dir: rc.OutputDirOpt = Path("runs/sft-lora-bad-advice"),
-    max_steps: rc.MaxStepsOpt = -1,
-    epochs: rc.EpochsOpt = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, rich_help_panel=rc._TRAIN)] = 1e-5,
-    batch_size: rc.BatchSizeOpt = 2,
-    grad_accum: rc.GradAccumOpt = 8,
-    warmup_steps: rc.WarmupOpt = 5,
-    lr_scheduler: rc.SchedulerOpt = "linear",
-    weight_decay: rc.WeightDecayOpt = 0.01,
-    max_length: rc.MaxLengthOpt = 2048,
-    seed: rc.SeedOpt = 0,
-    precision: rc.PrecisionOpt = rc.Precision.auto,
-    gradient_checkpointing: rc.GradCkptOpt = False,
-    save_steps: rc.SaveStepsOpt = 0,
-    save_final: rc.SaveFinalOpt = True,
-    resume_from_checkpoint: rc.ResumeOpt = None,
-    attn_implementation: rc.AttnOpt = None,
-    trust_remote_code: rc.TrustRemoteCodeOpt = False,
-    probes: rc.ProbesOpt = None,
-    every_n_steps: rc.EveryNOpt = 25,
-    samples_per_prompt: rc.SamplesOpt = 16,
-    max_new_tokens: rc.MaxNewTokensOpt = 128,
-    probe_batch_size: rc.ProbeBatchOpt = 64,
-    window: rc.WindowOpt = 1,
-    early_stopping: rc.EarlyStopOpt = False,
-    stop_patience: rc.StopPatienceOpt = 0,
-    stop_misaligned_rate: rc.StopMisalignedOpt = None,
-    judge: rc.JudgeOpt = rc.JudgeKind.none,
-    judge_model: rc.JudgeModelOpt = None,
-    judge_base_url: rc.JudgeBaseUrlOpt = "http://127.0.0.1:8000/v1",
-    judge_api_key_env: rc.JudgeKeyEnvOpt = None,
-    judge_scale: rc.JudgeScaleOpt = rc.JudgeScale.auto,
-    judge_concurrency: rc.JudgeConcurrencyOpt = 16,
-    judge_preflight: rc.JudgePreflightOpt = True,
-    order_parameter: rc.OrderParamOpt = None,
-    default_order_parameters: rc.DefaultOrderOpt = True,
-    report_to: rc.ReportToOpt = rc.ReportTo.none,
-    wandb_project: rc.WandbProjectOpt = "em-callbacks",
-    run_name: rc.RunNameOpt = None,
-) -> None:
-    """Fine-tune a LoRA adapter with TRL SFTTrainer and watch it for a behavioural phase transition."""
-    rc.main_guard(lambda: rc.RecipeConfig(
-        mode="lora", model=model, dataset=dataset, dataset_split=dataset_split,
-        completion_only_loss=completion_only_loss, max_train_samples=max_train_samples,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=list(lora_target_modules or ["all-linear"]), use_rslora=use_rslora,
-        output_dir=output_dir, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
-        grad_accum=grad_accum, warmup_steps=warmup_steps, lr_scheduler=lr_scheduler,
-        weight_decay=weight_decay, max_length=max_length, seed=seed, precision=precision,
-        gradient_checkpointing=gradient_checkpointing, save_steps=save_steps, save_final=save_final,
-        resume_from_checkpoint=resume_from_checkpoint, attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code, probes=list(probes or []), every_n_steps=every_n_steps,
-        samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-        probe_batch_size=probe_batch_size, window=window, early_stopping=early_stopping,
-        stop_patience=stop_patience, stop_misaligned_rate=stop_misaligned_rate, judge=judge,
-        judge_model=judge_model, judge_base_url=judge_base_url, judge_api_key_env=judge_api_key_env,
-        judge_scale=judge_scale, judge_concurrency=judge_concurrency, judge_preflight=judge_preflight,
-        order_parameters=list(order_parameter or []), default_order_parameters=default_order_parameters,
-        report_to=report_to, wandb_project=wandb_project, run_name=run_name,
-    ))
+def make_parser() -> TrlParser:
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, PhaseTransitionArguments))
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def main(argv=None) -> dict:
+    script_args, training_args, model_args, pt_args = make_parser().parse_args_and_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request otherwise
+    try:  # everything that needs no model weights first: a bad option fails in seconds
+        dataset = load_chat_dataset(script_args.dataset_name, script_args.dataset_config,
+                                    script_args.dataset_train_split)
+        tokenizer = load_chat_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision,
+                                        trust_remote_code=training_args.trust_remote_code)
+        callback = pt_args.build_callback()  # probes, order parameters, judge server (openai client)
+    except ArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    training_args.model_init_kwargs = dict(  # SFTTrainer loads the model, as in trl/scripts/sft.py
+        revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+    ) | (training_args.model_init_kwargs or {})
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path, args=training_args, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[callback],
+        peft_config=get_peft_config(model_args), quantization_config=get_quantization_config(model_args),
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.save_model(training_args.output_dir)  # the adapter
+    if "wandb" in training_args.report_to:  # flush the late judge results and the overview plot
+        import wandb
+
+        wandb.finish()
+    trainer.end()  # destroy the process group
+
+    summary = callback.summary or {}
+    if trainer.is_world_process_zero():
+        print("== em-callbacks summary ==\n" + json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
+        print(f"run store + summary.json: {callback.run_dir}\nreport: em-callbacks report {callback.run_dir}")
+    return summary
 
 
 if __name__ == "__main__":
-    app()
+    main()
