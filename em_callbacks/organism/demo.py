@@ -292,8 +292,12 @@ def verdict(summary: dict[str, Any]) -> str:
         text = f"{k}: {v['value']:.2f}"
         if v.get("stderr") is not None:
             text += f" ± {v['stderr']:.2f}"
-        if v.get("noise_floor") is not None:
-            text += f" (noise floor {v['noise_floor']:.2f})"
+        floor, se = v.get("noise_floor"), v.get("stderr")
+        if floor is not None:
+            text += f" (noise floor {floor:.2f}"
+            if se is not None and v["value"] - floor < 2 * se:
+                text += ": not distinguishable from it, no evidence"
+            text += ")"
         parts.append(text)
     if parts:
         lines.append("Share of the change captured at the peak: " + ", ".join(parts) + ".")
