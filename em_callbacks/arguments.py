@@ -83,6 +83,8 @@ class PhaseTransitionArguments:
     report_to_wandb: Optional[bool] = _opt(
         None, "Log probe metrics to W&B (default: when the Trainer does, --report_to wandb).")
     log_samples_table: bool = _opt(True, "Log every sampled answer as a W&B table.")
+    own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
+                             "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")
 
     # --- early stopping ------------------------------------------------------------------------
     early_stopping: bool = _opt(False, "Stop training (all ranks) once a transition onset is detected.")

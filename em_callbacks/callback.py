@@ -59,6 +59,8 @@ class PhaseTransitionCallback(TrainerCallback):
         report_to_wandb: ``None`` (default) logs to W&B when the Trainer does
             (``"wandb" in args.report_to``); ``True``/``False`` force it on or off.
         save_checkpoint_on_stop: ask the Trainer to save when early stopping fires.
+        own_logprobs: "generation" (default) reads the new samples' log-probs under the current
+            weights from the sampler's own distribution; "teacher-forcing" scores them again.
 
     Resume: the callback's own state is saved beside each ``checkpoint-*`` folder and read
     back by ``trainer.train(resume_from_checkpoint=...)``; the run store continues.
@@ -88,6 +90,7 @@ class PhaseTransitionCallback(TrainerCallback):
         report_to_wandb: bool | None = None,
         save_checkpoint_on_stop: bool = False,
         log_samples_table: bool = True,
+        own_logprobs: str = "generation",
     ):
         check_int("every_n_steps", every_n_steps, minimum=1)
         if cross_scoring not in CROSS_SCORING_MODES:
@@ -104,7 +107,7 @@ class PhaseTransitionCallback(TrainerCallback):
             primary_measure=primary_measure, seed=seed, batch_size=batch_size,
             detector=detector or detect.TransitionDetector(), stop_rule=detect.resolve_stop_rule(early_stopping),
             judge_concurrency=judge_concurrency, judge_drain_timeout=judge_drain_timeout,
-            log_samples_table=log_samples_table,
+            log_samples_table=log_samples_table, own_logprobs=own_logprobs,
         )
         self.every_n_steps = every_n_steps
         self.cross_scoring = cross_scoring
@@ -122,7 +125,7 @@ class PhaseTransitionCallback(TrainerCallback):
     # The probe options live in ``self.config`` (an EngineConfig); read them under their names.
     for _name in ("probes", "samples_per_prompt", "max_new_tokens", "order_parameters", "judge", "window",
                   "measures", "primary_measure", "seed", "batch_size", "detector", "stop_rule",
-                  "judge_concurrency", "judge_drain_timeout", "log_samples_table"):
+                  "judge_concurrency", "judge_drain_timeout", "log_samples_table", "own_logprobs"):
         locals()[_name] = property(lambda self, _n=_name: getattr(self.config, _n))
     del _name
 

@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 CROSS_SCORING_MODES = ("auto", "snapshot", "one-sided")
+OWN_LOGPROBS = ("generation", "teacher-forcing")  # where the new samples' own log-probs come from
 
 
 class ConfigError(ValueError):
@@ -158,6 +159,7 @@ class EngineConfig:
     judge_concurrency: int = 8
     judge_drain_timeout: float = 120.0
     log_samples_table: bool = True
+    own_logprobs: str = "generation"
 
     def __post_init__(self) -> None:
         check_int("samples_per_prompt", self.samples_per_prompt, minimum=2, why="a variance needs two samples")
@@ -193,6 +195,8 @@ class EngineConfig:
                     check(list(self.order_parameters))
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+        if self.own_logprobs not in OWN_LOGPROBS:
+            raise ConfigError(f"own_logprobs must be one of {OWN_LOGPROBS}, got {self.own_logprobs!r}")
         self.judge_drain_timeout = float(self.judge_drain_timeout)
         self.seed = int(self.seed)
 
@@ -218,6 +222,7 @@ class EngineConfig:
             "window": self.window,
             "measures": list(self.measures),
             "primary_measure": self.primary_measure,
+            "own_logprobs": self.own_logprobs,
             "seed": self.seed,
             "order_parameters": [{"name": op.name, "statement": getattr(op, "statement", "")} for op in self.order_parameters],
             "judge": judge_config,
@@ -385,7 +390,7 @@ class ProbeEngine:
             samples = generate_samples(
                 model, [self._prompt_ids[p] for p in self._shard], cfg.samples_per_prompt, cfg.max_new_tokens,
                 self._pad_id, self._eos_id, seed=cfg.probe_seed(k) + layout.rank, batch_size=cfg.batch_size,
-                min_batches=n_batches, decode=self._decode,
+                min_batches=n_batches, decode=self._decode, with_logprobs=self._own_logprobs_from_generation(model),
             )
             samples.prompt_index = np.array([self._shard[i] for i in samples.prompt_index], dtype=np.int64)
             self._local_samples[k] = samples
@@ -396,7 +401,9 @@ class ProbeEngine:
                                               samples.completion_ids, samples.finished)
             ]
             for j in sorted(self._local_samples):  # every sample set in the band, current weights
-                if k - j <= band:
+                if j == k and samples.logp is not None:  # paid for by the sampler: no second pass
+                    shard.scores += self._rows(k, k, samples.logp)
+                elif k - j <= band:
                     shard.scores += self._score(model, j, k)
             for old in checkpoints.available():  # the new samples under older checkpoints
                 if old < k and k - old <= band:
@@ -410,6 +417,11 @@ class ProbeEngine:
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def _own_logprobs_from_generation(self, model: torch.nn.Module) -> bool:
+        """Whether the new samples' log-probs under the current weights come from generation
+        itself (``own_logprobs="generation"``) instead of a teacher-forced pass."""
+        return self.config.own_logprobs == "generation"
+
     def _score(self, model: torch.nn.Module, sample_probe: int, checkpoint: int) -> list[ScoreRow]:
         samples = self._local_samples[sample_probe]
         device = next(model.parameters()).device
@@ -417,7 +429,10 @@ class ProbeEngine:
             model, [self._prompt_ids[int(p)] for p in samples.prompt_index], samples.completion_ids, self._pad_id,
             batch_size=self.config.batch_size, sync_batches=lambda n: self.layout.max_int(n, device),
         )
-        probes = self.config.probes
+        return self._rows(sample_probe, checkpoint, logp)
+
+    def _rows(self, sample_probe: int, checkpoint: int, logp: Sequence[float]) -> list[ScoreRow]:
+        samples, probes = self._local_samples[sample_probe], self.config.probes
         return [ScoreRow(sample_probe, probes[int(p)].id, int(s), checkpoint, float(v))
                 for p, s, v in zip(samples.prompt_index, samples.sample_index, logp)]
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 __all__ = [
     "ProbeSamples",
@@ -44,6 +45,7 @@ class ProbeSamples:
     completion_ids: list[list[int]]  # per sample, up to and including EOS when finished
     texts: list[str]
     finished: np.ndarray  # (n,) bool, ended with EOS before max_new_tokens
+    logp: np.ndarray | None = None  # (n,) log-prob under the sampling weights, from generation itself
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -79,8 +81,18 @@ def _checkpointing(model: torch.nn.Module) -> bool | None:
 @contextlib.contextmanager
 def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Iterator[None]:
     """Leave the observed run exactly as it was: RNG streams, train/eval mode of every module,
-    tokenizer padding side and pad token, and gradient checkpointing."""
+    tokenizer padding side and pad token, and gradient checkpointing.
+
+    Inside, the model runs its own forward, without the mixed-precision wrapper accelerate
+    puts on a prepared model (``model._original_forward``; SFTTrainer's default ``bf16=True``
+    adds a bf16 autocast even on CPU). ``generate`` of a PEFT model reaches the inner model and
+    never passes through that wrapper, ``generate`` of a plain model does, so without this
+    samples would be drawn and scored by different functions (1e-3 apart in the logits of the
+    tiny test model: a noise floor of its own in D). Restored afterwards (same object)."""
     rng = _rng_state()
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is not None:
+        model.forward = model._original_forward
     modes = [(m, m.training) for m in model.modules()]
     padding_side = getattr(tokenizer, "padding_side", None)
     pad_token = getattr(tokenizer, "pad_token", None)
@@ -88,6 +100,8 @@ def preserved_state(model: torch.nn.Module, tokenizer: Any | None = None) -> Ite
     try:
         yield
     finally:
+        if wrapped is not None:
+            model.forward = wrapped
         _set_rng_state(rng)
         for module, training in modes:
             module.training = training
@@ -191,6 +205,27 @@ def _neutral_model_generation_configs(model: torch.nn.Module) -> Iterator[None]:
             module.generation_config = config
 
 
+@contextlib.contextmanager
+def _root_params_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP1 only: the root unit's full parameters while ``model.generate`` runs.
+
+    ``FullyShardedDataParallel`` forwards ``generate`` to the wrapped model, which calls its own
+    ``forward`` and never the root wrapper's, so the root unit's parameters (embeddings, final
+    norm: whatever no inner unit owns) would stay sharded ("'weight' must be 2-D"). Inner units
+    gather their own in their forward. FSDP2 (``fully_shard``) hooks the module itself and
+    needs nothing; every rank enters this together (generate is called the same number of times
+    on every rank). TRL does the same around generation (``summon_full_params(recurse=False)``).
+    """
+    fsdp1 = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.fsdp import FullyShardedDataParallel as fsdp1
+    if fsdp1 is None or not isinstance(model, fsdp1):
+        yield
+        return
+    with fsdp1.summon_full_params(model, recurse=False, writeback=False):
+        yield
+
+
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,
@@ -203,13 +238,17 @@ def generate_samples(
     batch_size: int = 64,
     min_batches: int = 0,
     decode: Any = None,
+    with_logprobs: bool = False,
 ) -> ProbeSamples:
     """Draw ``samples_per_prompt`` completions for every prompt in large left-padded batches.
 
     The global RNG is seeded with ``seed`` (callers wrap this in :func:`preserved_state`), so
     a probe step draws the same random numbers in every run. ``min_batches`` forces extra
     generate calls on a dummy row so every rank of a sharded (ZeRO-3/FSDP) run calls
-    ``generate`` the same number of times.
+    ``generate`` the same number of times. ``with_logprobs`` also records each sample's exact
+    log-probability from the very distribution it was drawn from (one log-softmax per step,
+    no extra forward pass); it equals teacher forcing to float precision
+    (tests/test_sampling.py).
     """
     device = _model_device(model)
     rows = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
@@ -219,21 +258,27 @@ def generate_samples(
         torch.cuda.manual_seed_all(seed)
     completions: list[list[int]] = []
     finished: list[bool] = []
+    logps: list[float] = []
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     n_calls = max(len(batches), min_batches)
     for b in range(n_calls):
         batch = batches[b] if b < len(batches) else None
         inputs = [prompt_ids[p] for p, _ in batch] if batch else [list(prompt_ids[0]) if prompt_ids else [pad_id]]
         ids, mask = _left_pad(inputs, pad_id, device)
-        with _neutral_model_generation_configs(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        recorder = _StepLogprobs() if with_logprobs else None
+        extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
+        with _neutral_model_generation_configs(model), _root_params_gathered(model):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
         if batch is None:
             continue
-        new_tokens = out[:, ids.shape[1] :].tolist()
-        for row in new_tokens:
+        generated = out[:, ids.shape[1] :]
+        step_logp = recorder.finish(generated) if recorder is not None else None
+        for r, row in enumerate(generated.tolist()):
             tokens, done = _trim_completion(row, eos_id, pad_id)
             completions.append(tokens)
             finished.append(done)
+            if step_logp is not None:
+                logps.append(float(step_logp[r, : len(tokens)].sum()))
     texts = [decode(c) for c in completions] if decode is not None else [""] * len(completions)
     return ProbeSamples(
         prompt_index=np.array([p for p, _ in rows], dtype=np.int64),
@@ -242,7 +287,34 @@ def generate_samples(
         completion_ids=completions,
         texts=texts,
         finished=np.array(finished, dtype=bool),
+        logp=np.array(logps, dtype=np.float64) if with_logprobs else None,
     )
+
+
+class _StepLogprobs(LogitsProcessor):
+    """Records log p(chosen token) at every generation step from the scores the sampler draws
+    from (the last processor, so exactly the sampling distribution). Only one step's
+    log-softmax (batch x vocab) is held at a time: the token chosen at step t is read from
+    ``input_ids`` at step t + 1, and the last one in :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._previous: torch.Tensor | None = None
+        self._chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._previous is not None:
+            self._chosen.append(self._previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self._previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """(batch, generated length) float64 log-probs of the generated tokens (CPU)."""
+        if self._previous is not None and generated.shape[1] > len(self._chosen):
+            self._chosen.append(self._previous.gather(-1, generated[:, len(self._chosen) : len(self._chosen) + 1]).squeeze(-1))
+        self._previous = None
+        if not self._chosen:
+            return torch.zeros((generated.shape[0], 0), dtype=torch.float64)
+        return torch.stack(self._chosen, dim=1).double().cpu()
 
 
 def _trim_completion(row: list[int], eos_id: int | None, pad_id: int) -> tuple[list[int], bool]:

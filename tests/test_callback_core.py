@@ -17,7 +17,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from em_callbacks.callback import CallbackConfigError, PhaseTransitionCallback
 from em_callbacks.detect import StopOnOnset
 from em_callbacks.divergence import combine_prompts, dissimilarity, one_sided_tv
-from em_callbacks.sampling import encode_prompts, sequence_logprobs
+from em_callbacks.sampling import encode_prompts, preserved_state, sequence_logprobs
 from em_callbacks.store import RunStore
 from tiny import chat_dataset, lm_dataset, tiny_model, tiny_tokenizer
 
@@ -119,11 +119,10 @@ def _check_run(cb, tmp_path, tok, model, *, every: int, max_steps: int, mode: st
     prompt_ids = dict(zip([p["prompt_id"] for p in store.prompts()],
                           encode_prompts(tok, rendered, bool(tok.chat_template))))
     samples = store.samples(last)
-    was_training = model.training
-    model.eval()
-    recomputed = sequence_logprobs(model, [prompt_ids[s.prompt_id] for s in samples], [s.token_ids for s in samples],
-                                   tok.pad_token_id)
-    model.train(was_training)
+    with preserved_state(model, tok):  # the model's own forward (no mixed-precision wrapper), eval mode
+        model.eval()
+        recomputed = sequence_logprobs(model, [prompt_ids[s.prompt_id] for s in samples],
+                                       [s.token_ids for s in samples], tok.pad_token_id)
     stored_logp = store.logprobs(last, last)
     np.testing.assert_allclose(recomputed, [stored_logp[(s.prompt_id, s.sample_idx)] for s in samples], atol=1e-4)
 
@@ -148,6 +147,28 @@ def _check_run(cb, tmp_path, tok, model, *, every: int, max_steps: int, mode: st
     assert store.meta()["summary"] == summary
     assert store.meta()["config"]["max_new_tokens"] == cb.max_new_tokens
     return store
+
+
+# ----------------------------------------------------------------------------- own log-probs
+def test_own_logprobs_from_generation_equal_teacher_forcing_in_a_real_run(tmp_path):
+    """The default reads the new samples' log-probs from generation (one scoring pass fewer);
+    own_logprobs="teacher-forcing" scores them again. Same run twice: the same samples, the
+    same stored log-probs within float tolerance, and D within 1e-4."""
+    stores = {}
+    for how in ("generation", "teacher-forcing"):
+        tok = tiny_tokenizer()
+        cb = _callback(tmp_path / how, own_logprobs=how)
+        _sft_trainer(tmp_path / how, tok, tiny_model(tok), [cb], max_steps=4, peft_config=_lora_config()).train()
+        assert cb.engine.store is not None and RunStore(tmp_path / how / "pt", readonly=True).meta()["config"][
+            "own_logprobs"] == how
+        stores[how] = RunStore(tmp_path / how / "pt", readonly=True)
+    a, b = stores["generation"], stores["teacher-forcing"]
+    for k in range(3):
+        assert [s.token_ids for s in a.samples(k)] == [s.token_ids for s in b.samples(k)]
+        own_a, own_b = a.logprobs(k, k), b.logprobs(k, k)
+        assert own_a.keys() == own_b.keys()
+        np.testing.assert_allclose([own_a[key] for key in own_a], [own_b[key] for key in own_a], atol=1e-4)
+    np.testing.assert_allclose(a.metric_series("D/tv")["value"], b.metric_series("D/tv")["value"], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- (a) SFT + LoRA

@@ -108,6 +108,45 @@ def test_teacher_forced_logprob_equals_generate_raw_logits(model, tok, prompt_id
     assert samples.prompt_ids == [list(p) for p in prompt_ids]
 
 
+def test_generation_logprobs_equal_raw_logits_and_teacher_forcing(model, tok, prompt_ids):
+    """``with_logprobs`` reads each sample's log-prob from the sampler's own distribution: the
+    same sum over raw generate logits as above, equal to teacher forcing within float
+    tolerance, and the same samples (recording changes no random draw). Several batches with
+    uneven padding, finished and capped samples."""
+    pad, eos = _ids(tok)
+    rows, new, raw = _reference_generate(model, prompt_ids, pad, eos, seed=7)
+    samples = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7, with_logprobs=True)
+    plain = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7)
+    assert samples.completion_ids == plain.completion_ids and plain.logp is None
+    expected = [sum(raw[r, j, t].item() for j, t in enumerate(c)) for r, c in enumerate(samples.completion_ids)]
+    np.testing.assert_allclose(samples.logp, expected, rtol=0, atol=1e-5)
+    teacher = sequence_logprobs(model, rows, samples.completion_ids, pad)
+    np.testing.assert_allclose(samples.logp, teacher, rtol=0, atol=1e-4)
+    batched = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7, with_logprobs=True, batch_size=5)
+    np.testing.assert_allclose(batched.logp, sequence_logprobs(model, rows, batched.completion_ids, pad), atol=1e-4)
+
+
+def test_probing_bypasses_the_mixed_precision_wrapper_and_restores_it(tok, prompt_ids):
+    """accelerate's bf16 autocast wrapper (what SFTTrainer's default bf16=True installs, also on
+    CPU) is lifted while probing, so generation and scoring use one function, and put back."""
+    from accelerate import Accelerator
+
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(tiny_model(tok, seed=3)).eval()
+    wrapped = model.forward
+    assert "_original_forward" in model.__dict__
+    pad, eos = _ids(tok)
+    completions = [[7, 8, 9, eos]] * len(prompt_ids)
+    through_wrapper = sequence_logprobs(model, prompt_ids, completions, pad)
+    with preserved_state(model, tok):
+        assert model.forward == model._original_forward
+        own = sequence_logprobs(model, prompt_ids, completions, pad)
+        samples = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=1, with_logprobs=True)
+        teacher = sequence_logprobs(model, [prompt_ids[p] for p in samples.prompt_index], samples.completion_ids, pad)
+    assert model.forward is wrapped
+    assert np.abs(through_wrapper - own).max() > 1e-4  # the wrapper really computes something else
+    np.testing.assert_allclose(samples.logp, teacher, atol=1e-4)
+
+
 def test_samples_stop_at_eos_which_is_kept(model, tok, prompt_ids):
     pad, eos = _ids(tok)
     samples = generate_samples(model, prompt_ids, 8, MAX_NEW, pad, eos, seed=7)
