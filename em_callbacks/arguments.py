@@ -83,6 +83,10 @@ class PhaseTransitionArguments:
     report_to_wandb: Optional[bool] = _opt(
         None, "Log probe metrics to W&B (default: when the Trainer does, --report_to wandb).")
     log_samples_table: bool = _opt(True, "Log every sampled answer as a W&B table.")
+    sentinel_every_n_steps: Optional[int] = _opt(None, "Between probes, every this many steps: score the last probe's "
+                                                 "samples under the current weights and log how far the model "
+                                                 "moved (sentinel/tv). Off when unset.")
+    sentinel_samples_per_prompt: int = _opt(4, "Samples per prompt the drift sentinel scores.")
     own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
                              "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")
 

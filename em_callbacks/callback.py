@@ -61,6 +61,10 @@ class PhaseTransitionCallback(TrainerCallback):
         save_checkpoint_on_stop: ask the Trainer to save when early stopping fires.
         own_logprobs: "generation" (default) reads the new samples' log-probs under the current
             weights from the sampler's own distribution; "teacher-forcing" scores them again.
+        sentinel_every_n_steps: between probes, every this many steps, score the last probe's
+            samples (``sentinel_samples_per_prompt`` per prompt) under the current weights and
+            log how far the model moved since (``sentinel/tv``): one scoring pass, no
+            generation. Off by default.
 
     Resume: the callback's own state is saved beside each ``checkpoint-*`` folder and read
     back by ``trainer.train(resume_from_checkpoint=...)``; the run store continues.
@@ -91,6 +95,8 @@ class PhaseTransitionCallback(TrainerCallback):
         save_checkpoint_on_stop: bool = False,
         log_samples_table: bool = True,
         own_logprobs: str = "generation",
+        sentinel_every_n_steps: int | None = None,
+        sentinel_samples_per_prompt: int = 4,
     ):
         check_int("every_n_steps", every_n_steps, minimum=1)
         if cross_scoring not in CROSS_SCORING_MODES:
@@ -108,8 +114,12 @@ class PhaseTransitionCallback(TrainerCallback):
             detector=detector or detect.TransitionDetector(), stop_rule=detect.resolve_stop_rule(early_stopping),
             judge_concurrency=judge_concurrency, judge_drain_timeout=judge_drain_timeout,
             log_samples_table=log_samples_table, own_logprobs=own_logprobs,
+            sentinel_samples_per_prompt=sentinel_samples_per_prompt,
         )
+        if sentinel_every_n_steps is not None:
+            check_int("sentinel_every_n_steps", sentinel_every_n_steps, minimum=1)
         self.every_n_steps = every_n_steps
+        self.sentinel_every_n_steps = sentinel_every_n_steps
         self.cross_scoring = cross_scoring
         self.snapshot_full_model = snapshot_full_model
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -125,7 +135,8 @@ class PhaseTransitionCallback(TrainerCallback):
     # The probe options live in ``self.config`` (an EngineConfig); read them under their names.
     for _name in ("probes", "samples_per_prompt", "max_new_tokens", "order_parameters", "judge", "window",
                   "measures", "primary_measure", "seed", "batch_size", "detector", "stop_rule",
-                  "judge_concurrency", "judge_drain_timeout", "log_samples_table", "own_logprobs"):
+                  "judge_concurrency", "judge_drain_timeout", "log_samples_table", "own_logprobs",
+                  "sentinel_samples_per_prompt"):
         locals()[_name] = property(lambda self, _n=_name: getattr(self.config, _n))
     del _name
 
@@ -196,6 +207,10 @@ class PhaseTransitionCallback(TrainerCallback):
         steps = self.engine.probe_steps
         if state.global_step % self.every_n_steps == 0 and (not steps or steps[-1] < state.global_step):
             self._probe(model, state.global_step, control)
+        elif self.sentinel_every_n_steps and steps and state.global_step % self.sentinel_every_n_steps == 0:
+            shards = self._dist.gather([self.engine.sentinel_scores(model)])
+            if self._dist.is_main:
+                self.engine.record_sentinel(state.global_step, shards)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -28,7 +28,7 @@ import torch
 from . import detect
 from ._util import json_safe
 from .adapter_signal import B_NORM, AdapterTrajectory
-from .divergence import MEASURES
+from .divergence import MEASURES, DissimilarityResult, combine_prompts, one_sided_tv
 from .history import ProbeHistory, WindowResult
 from .probes import ProbeSet, render_prompt
 from .sampling import (
@@ -59,7 +59,8 @@ __all__ = [
 ]
 
 CROSS_SCORING_MODES = ("auto", "snapshot", "one-sided")
-OWN_LOGPROBS = ("generation", "teacher-forcing")  # where the new samples' own log-probs come from
+OWN_LOGPROBS = ("generation", "teacher-forcing")
+SENTINEL = -1  # checkpoint index of the drift sentinel's scores (the current weights between probes)  # where the new samples' own log-probs come from
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,7 @@ class EngineConfig:
     judge_drain_timeout: float = 120.0
     log_samples_table: bool = True
     own_logprobs: str = "generation"
+    sentinel_samples_per_prompt: int = 4
 
     def __post_init__(self) -> None:
         check_int("samples_per_prompt", self.samples_per_prompt, minimum=2, why="a variance needs two samples")
@@ -167,6 +169,8 @@ class EngineConfig:
         check_int("window", self.window, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
         check_int("judge_concurrency", self.judge_concurrency, minimum=1)
+        check_int("sentinel_samples_per_prompt", self.sentinel_samples_per_prompt, minimum=2,
+                  why="a standard error needs two samples")
         self.measures = tuple(self.measures)
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:
@@ -435,6 +439,53 @@ class ProbeEngine:
         samples, probes = self._local_samples[sample_probe], self.config.probes
         return [ScoreRow(sample_probe, probes[int(p)].id, int(s), checkpoint, float(v))
                 for p, s, v in zip(samples.prompt_index, samples.sample_index, logp)]
+
+    # ----------------------------------------------------------------- drift sentinel
+    def sentinel_scores(self, model: torch.nn.Module) -> ProbeShard:
+        """All ranks, between probes: the last full probe's samples (the first
+        ``sentinel_samples_per_prompt`` of each prompt) under the current weights. One scoring
+        pass, no generation; :meth:`record_sentinel` turns it into the distance travelled."""
+        shard = ProbeShard()
+        if not self._local_samples:
+            return shard
+        k = max(self._local_samples)
+        samples = self._local_samples[k]
+        keep = np.flatnonzero(samples.sample_index < self.config.sentinel_samples_per_prompt)
+        device = next(model.parameters()).device
+        with preserved_state(model, self._tok):
+            model.eval()
+            logp = sequence_logprobs(
+                model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
+                [samples.completion_ids[i] for i in keep], self._pad_id, batch_size=self.config.batch_size,
+                sync_batches=lambda n: self.layout.max_int(n, device),
+            )
+        probes = self.config.probes
+        shard.scores = [ScoreRow(k, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]), SENTINEL,
+                                 float(v)) for i, v in zip(keep, logp)]
+        return shard
+
+    def record_sentinel(self, step: int, shards: Sequence[ProbeShard]) -> DissimilarityResult | None:
+        """Rank 0: one-sided TV between the last probe's distribution and the current one,
+        TV(p_k, p_t) = E_{x~p_k}[(1 - p_t(x)/p_k(x))^+], per prompt then combined; stored and
+        logged on the training-step axis as ``sentinel/tv`` (+ ``_stderr``, ``since_step``)."""
+        return self.safe("drift sentinel", lambda: self._record_sentinel(int(step), shards))
+
+    def _record_sentinel(self, step: int, shards: Sequence[ProbeShard]) -> DissimilarityResult | None:
+        rows = [r for sh in shards for r in sh.scores]
+        if not rows:
+            return None
+        k = rows[0].sample_probe
+        own = dict(zip(self._sample_keys[k], self._history.logp[(k, k)]))
+        by_prompt: dict[str, tuple[list[float], list[float]]] = {}
+        for r in rows:
+            then, now = by_prompt.setdefault(r.prompt_id, ([], []))
+            then.append(own[(r.prompt_id, r.sample_idx)])
+            now.append(r.logp)
+        result = combine_prompts([one_sided_tv(then, now) for then, now in by_prompt.values()])
+        self.store.write_sentinel(step, k, result.value, result.stderr, len(rows))
+        self._log(step, {"sentinel/tv": result.value, "sentinel/tv_stderr": result.stderr,
+                         "sentinel/since_step": float(self.probe_steps[k])})
+        return result
 
     def adapter_signal(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """LoRA B-norm / direction signal at this probe (rank 0; empty for other models)."""

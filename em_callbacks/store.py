@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS judgments (
     order_parameter TEXT NOT NULL, score REAL, probs TEXT, error TEXT, created_at REAL NOT NULL,
     PRIMARY KEY (probe_index, prompt_id, sample_idx, order_parameter));
 CREATE TABLE IF NOT EXISTS grad_norms (step INTEGER PRIMARY KEY, value REAL);
+CREATE TABLE IF NOT EXISTS sentinel (
+    step INTEGER PRIMARY KEY, since_probe INTEGER NOT NULL, tv REAL, stderr REAL, n INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, kind TEXT NOT NULL, payload TEXT NOT NULL,
     created_at REAL NOT NULL);
@@ -220,6 +222,20 @@ class RunStore:
         with self.transaction() as c:
             c.executemany("INSERT OR REPLACE INTO grad_norms VALUES (?, ?)", [(int(s), _num(v)) for s, v in rows])
 
+    def write_sentinel(self, step: int, since_probe: int, tv: float, stderr: float, n: int) -> None:
+        """The drift sentinel at training step ``step``: one-sided TV since probe ``since_probe``."""
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO sentinel VALUES (?, ?, ?, ?, ?)",
+                      (int(step), int(since_probe), _num(tv), _num(stderr), int(n)))
+
+    def sentinel(self) -> dict[str, np.ndarray]:
+        """The sentinel series: ``step``, ``since_probe``, ``tv``, ``stderr`` (NaN for None)."""
+        rows = self._rows("SELECT step, since_probe, tv, stderr FROM sentinel ORDER BY step")
+        cols = list(zip(*rows)) if rows else [(), (), (), ()]
+        return {"step": np.array(cols[0], dtype=np.int64), "since_probe": np.array(cols[1], dtype=np.int64),
+                "tv": np.array([np.nan if v is None else v for v in cols[2]], dtype=float),
+                "stderr": np.array([np.nan if v is None else v for v in cols[3]], dtype=float)}
+
     def add_event(self, kind: str, step: int | None = None, **payload: Any) -> None:
         with self.transaction() as c:
             c.execute(
@@ -238,6 +254,7 @@ class RunStore:
                 c.execute("DELETE FROM logprobs WHERE sample_probe = ? OR checkpoint_probe = ?", (k, k))
                 c.execute("DELETE FROM probes WHERE probe_index = ?", (k,))
             c.execute("DELETE FROM grad_norms WHERE step > ?", (step,))
+            c.execute("DELETE FROM sentinel WHERE step > ?", (step,))
             if late:
                 c.execute(
                     "INSERT INTO events(step, kind, payload, created_at) VALUES (?, 'resume_truncate', ?, ?)",

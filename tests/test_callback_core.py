@@ -171,6 +171,35 @@ def test_own_logprobs_from_generation_equal_teacher_forcing_in_a_real_run(tmp_pa
     np.testing.assert_allclose(a.metric_series("D/tv")["value"], b.metric_series("D/tv")["value"], atol=1e-4)
 
 
+def test_drift_sentinel_between_probes_is_the_exact_one_sided_tv(tmp_path):
+    """Probes every 4 steps, the sentinel every step in between: at the final step (6, no
+    probe) it equals the one-sided TV recomputed from the stored log-probs of probe 1's first
+    samples and the final weights; it is stored, logged, and resets its reference at each probe."""
+    tok = tiny_tokenizer()
+    cb = _callback(tmp_path, every=4, sentinel_every_n_steps=1, sentinel_samples_per_prompt=3)
+    trainer = _plain_trainer(tmp_path, tok, tiny_model(tok), [cb], max_steps=6)
+    trainer.train()
+    store = RunStore(tmp_path / "pt", readonly=True)
+    sentinel = store.sentinel()
+    assert sentinel["step"].tolist() == [1, 2, 3, 5, 6] and sentinel["since_probe"].tolist() == [0, 0, 0, 1, 1]
+    assert np.isfinite(sentinel["tv"]).all() and (sentinel["stderr"] > 0).all()
+    rendered = {p["prompt_id"]: p["rendered"] for p in store.prompts()}
+    ids = dict(zip(rendered, encode_prompts(tok, list(rendered.values()), bool(tok.chat_template))))
+    samples = [s for s in store.samples(1) if s.sample_idx < 3]
+    with preserved_state(trainer.model, tok):
+        trainer.model.eval()
+        now = sequence_logprobs(trainer.model, [ids[s.prompt_id] for s in samples], [s.token_ids for s in samples],
+                                tok.pad_token_id)
+    then = store.logprobs(1, 1)
+    expected = combine_prompts([
+        one_sided_tv([then[(s.prompt_id, s.sample_idx)] for s in samples if s.prompt_id == pid],
+                     [v for s, v in zip(samples, now) if s.prompt_id == pid])
+        for pid in rendered])
+    assert sentinel["tv"][-1] == pytest.approx(expected.value, abs=1e-5)
+    assert sentinel["stderr"][-1] == pytest.approx(expected.stderr, abs=1e-5)
+    assert cb.latest_metrics["sentinel/tv"][0] == 6 and cb.latest_metrics["sentinel/since_step"][1] == 4
+
+
 # ----------------------------------------------------------------------------- (a) SFT + LoRA
 def test_sft_trainer_with_lora_adapter(tmp_path):
     tok = tiny_tokenizer()
