@@ -141,7 +141,10 @@ def flat_vector(source: Any, which: str = "B", trainable_only: bool = True) -> t
 
 
 def _is_sharded(p: torch.Tensor) -> bool:
-    return getattr(p, "ds_id", None) is not None or type(p).__name__ == "DTensor"
+    """ZeRO-3 (``ds_id``), FSDP2 (``DTensor``) or FSDP1 (``_fsdp_flattened``: the original
+    parameter is a view of this rank's part of a flat parameter, so norms would read one shard)."""
+    return (getattr(p, "ds_id", None) is not None or type(p).__name__ == "DTensor"
+            or bool(getattr(p, "_fsdp_flattened", False)))
 
 
 def local_cosine(delta_prev: Any, delta: Any) -> float:

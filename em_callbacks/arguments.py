@@ -89,6 +89,9 @@ class PhaseTransitionArguments:
     sentinel_samples_per_prompt: int = _opt(4, "Samples per prompt the drift sentinel scores.")
     own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
                              "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")
+    scoring_dtype: Literal["float32", "model"] = _opt(
+        "float32", "Compute the log-probs D is made of in float32 whatever the model's dtype (exact upcast per "
+                   "operation, no model copy), or in the model's own numerics ('model'): bf16 rounding inflates D.")
 
     # --- early stopping ------------------------------------------------------------------------
     early_stopping: bool = _opt(False, "Stop training (all ranks) once a transition onset is detected.")

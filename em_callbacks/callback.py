@@ -65,6 +65,11 @@ class PhaseTransitionCallback(TrainerCallback):
             samples (``sentinel_samples_per_prompt`` per prompt) under the current weights and
             log how far the model moved since (``sentinel/tv``): one scoring pass, no
             generation. Off by default.
+        scoring_dtype: "float32" (default) computes the teacher-forced log-probs D is made of in
+            float32 whatever the model's dtype (an exact upcast at each operation, no copy of the
+            model; samples are still drawn by the model as it is): a bf16 model's rounding would
+            otherwise inflate D. "model" scores in the model's own numerics. Either way the
+            numerical noise floor of D is estimated at every probe (``D_numerical_floor``).
 
     Resume: the callback's own state is saved beside each ``checkpoint-*`` folder and read
     back by ``trainer.train(resume_from_checkpoint=...)``; the run store continues.
@@ -97,6 +102,7 @@ class PhaseTransitionCallback(TrainerCallback):
         own_logprobs: str = "generation",
         sentinel_every_n_steps: int | None = None,
         sentinel_samples_per_prompt: int = 4,
+        scoring_dtype: str = "float32",
     ):
         check_int("every_n_steps", every_n_steps, minimum=1)
         if cross_scoring not in CROSS_SCORING_MODES:
@@ -114,7 +120,7 @@ class PhaseTransitionCallback(TrainerCallback):
             detector=detector or detect.TransitionDetector(), stop_rule=detect.resolve_stop_rule(early_stopping),
             judge_concurrency=judge_concurrency, judge_drain_timeout=judge_drain_timeout,
             log_samples_table=log_samples_table, own_logprobs=own_logprobs,
-            sentinel_samples_per_prompt=sentinel_samples_per_prompt,
+            sentinel_samples_per_prompt=sentinel_samples_per_prompt, scoring_dtype=scoring_dtype,
         )
         if sentinel_every_n_steps is not None:
             check_int("sentinel_every_n_steps", sentinel_every_n_steps, minimum=1)
@@ -136,7 +142,7 @@ class PhaseTransitionCallback(TrainerCallback):
     for _name in ("probes", "samples_per_prompt", "max_new_tokens", "order_parameters", "judge", "window",
                   "measures", "primary_measure", "seed", "batch_size", "detector", "stop_rule",
                   "judge_concurrency", "judge_drain_timeout", "log_samples_table", "own_logprobs",
-                  "sentinel_samples_per_prompt"):
+                  "sentinel_samples_per_prompt", "scoring_dtype"):
         locals()[_name] = property(lambda self, _n=_name: getattr(self.config, _n))
     del _name
 
@@ -170,7 +176,9 @@ class PhaseTransitionCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, processing_class=None, **kwargs):
-        self._validate_tokenizer(self.tokenizer or processing_class)
+        tokenizer = self.tokenizer or processing_class
+        self._validate_tokenizer(tokenizer)
+        self.engine.prepare(tokenizer)  # probes that the chat template cannot render fail at Trainer construction
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         tokenizer = self.tokenizer or processing_class

@@ -1,4 +1,4 @@
-"""Process layout and collectives for drivers that run on several ranks (accelerate)."""
+"""Process layout and collectives for drivers that run on several ranks (torch.distributed)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,28 @@ __all__ = ["Distributed"]
 
 
 class Distributed(RankLayout):
-    """Process layout from accelerate when a distributed run is active."""
+    """Process layout of the default process group when a distributed run is active.
+
+    Rank and size come from ``torch.distributed`` itself, the group the model is sharded over,
+    not from accelerate's ``PartialState``, which can disagree with it: under DeepSpeed on CPU
+    ranks, accelerate 1.16 reports one process (``DistributedType`` NO before DeepSpeed's engine
+    starts the gloo group) while two run, so every rank took itself for rank 0, wrote the store
+    and decided the stop alone. The collectives are torch's object collectives for the same reason
+    (accelerate's ``gather_object`` returns the local list when it believes it is alone)."""
 
     @classmethod
     def detect(cls) -> "Distributed":
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return cls()
-        from accelerate import PartialState
-
-        state = PartialState()
-        return cls(state.process_index, state.num_processes)
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
     def gather(self, items: list) -> list:
+        """Every rank's ``items`` concatenated in rank order, on every rank."""
         if self.world_size == 1:
             return items
-        from accelerate.utils import gather_object
-
-        return gather_object(items)
+        parts: list = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
 
     def max_int(self, value: int, device: torch.device) -> int:
         if self.world_size == 1:
@@ -42,8 +47,6 @@ class Distributed(RankLayout):
     def broadcast(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj
-        from accelerate.utils import broadcast_object_list
-
         box = [obj]
-        broadcast_object_list(box, from_process=0)
+        torch.distributed.broadcast_object_list(box, src=0)
         return box[0]

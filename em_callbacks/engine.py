@@ -28,8 +28,9 @@ import torch
 from . import detect
 from ._util import json_safe
 from .adapter_signal import B_NORM, AdapterTrajectory
-from .divergence import MEASURES, DissimilarityResult, combine_prompts, one_sided_tv
+from .divergence import MEASURES, DissimilarityResult, combine_prompts, dissimilarity, one_sided_tv
 from .history import ProbeHistory, WindowResult
+from .precision import SCORING_DTYPES, ScoringPrecision, check_scoring_precision
 from .probes import ProbeSet, render_prompt
 from .sampling import (
     ProbeSamples,
@@ -61,6 +62,9 @@ __all__ = [
 CROSS_SCORING_MODES = ("auto", "snapshot", "one-sided")
 OWN_LOGPROBS = ("generation", "teacher-forcing")
 SENTINEL = -1  # checkpoint index of the drift sentinel's scores (the current weights between probes)  # where the new samples' own log-probs come from
+# The numerical noise floor scores the first this many new samples of each prompt again (the
+# current weights, other numerics); see ProbeEngine._floor_scores.
+FLOOR_SAMPLES_PER_PROMPT = 2
 
 
 class ConfigError(ValueError):
@@ -96,6 +100,10 @@ class ProbeShard:
     samples: list[SampleRecord] = field(default_factory=list)
     scores: list[ScoreRow] = field(default_factory=list)
     out_of_vocab: int = 0  # sampled ids the tokenizer cannot decode
+    # the first FLOOR_SAMPLES_PER_PROMPT new samples of each prompt under the current weights,
+    # scored again with other numerics (checkpoint_probe = k): the numerical floor's reference
+    floor: list[ScoreRow] = field(default_factory=list)
+    precision: dict[str, Any] | None = None  # how this rank's scoring computes (ScoringPrecision.to_dict)
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,7 @@ class EngineConfig:
     log_samples_table: bool = True
     own_logprobs: str = "generation"
     sentinel_samples_per_prompt: int = 4
+    scoring_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_int("samples_per_prompt", self.samples_per_prompt, minimum=2, why="a variance needs two samples")
@@ -201,6 +210,8 @@ class EngineConfig:
                     raise ConfigError(str(exc)) from None
         if self.own_logprobs not in OWN_LOGPROBS:
             raise ConfigError(f"own_logprobs must be one of {OWN_LOGPROBS}, got {self.own_logprobs!r}")
+        if self.scoring_dtype not in SCORING_DTYPES:
+            raise ConfigError(f"scoring_dtype must be one of {SCORING_DTYPES}, got {self.scoring_dtype!r}")
         self.judge_drain_timeout = float(self.judge_drain_timeout)
         self.seed = int(self.seed)
 
@@ -227,6 +238,7 @@ class EngineConfig:
             "measures": list(self.measures),
             "primary_measure": self.primary_measure,
             "own_logprobs": self.own_logprobs,
+            "scoring_dtype": self.scoring_dtype,
             "seed": self.seed,
             "order_parameters": [{"name": op.name, "statement": getattr(op, "statement", "")} for op in self.order_parameters],
             "judge": judge_config,
@@ -304,6 +316,8 @@ class ProbeEngine:
         self._logged: dict[int, set[str]] = {}  # probe step -> keys already sent to the sink
         self._adapter = AdapterTrajectory()
         self._latest: dict[str, tuple[int, float]] = {}
+        self._precision: ScoringPrecision | None = None  # decided at the first probe (every rank)
+        self._precision_logged = False
 
     def prepare(self, tokenizer: Any) -> None:
         """Validate the tokenizer and render the prompts (all ranks)."""
@@ -315,7 +329,7 @@ class ProbeEngine:
         uses_template = bool(getattr(tokenizer, "chat_template", None))
         if not uses_template and self.layout.is_main:
             logger.warning("em-callbacks: tokenizer has no chat template; probes use a plain 'User:/Assistant:' prompt")
-        self._rendered = [render_prompt(tokenizer, p) for p in self.config.probes]
+        self._rendered = [_render(tokenizer, p) for p in self.config.probes]
         self._prompt_ids = encode_prompts(tokenizer, self._rendered, uses_template)
         self._shard = list(range(self.layout.rank, len(self.config.probes), self.layout.world_size))
         self._decodable = _decodable_size(tokenizer)
@@ -413,6 +427,7 @@ class ProbeEngine:
                 if old < k and k - old <= band:
                     with checkpoints.swapped_in(model, old) as scoring_model:
                         shard.scores += self._score(scoring_model, k, old)
+            shard.floor, shard.precision = self._floor_scores(model, k)
             checkpoints.capture(model, k)
         for j in [j for j in self._local_samples if k - j >= band + 1]:
             del self._local_samples[j]
@@ -423,8 +438,48 @@ class ProbeEngine:
 
     def _own_logprobs_from_generation(self, model: torch.nn.Module) -> bool:
         """Whether the new samples' log-probs under the current weights come from generation
-        itself (``own_logprobs="generation"``) instead of a teacher-forced pass."""
-        return self.config.own_logprobs == "generation"
+        itself (``own_logprobs="generation"``) instead of a teacher-forced pass. Not when scoring
+        computes in another precision than the sampler (``scoring_dtype="float32"`` on a bf16
+        model): every log-prob D compares must come from the same numerics."""
+        return self.config.own_logprobs == "generation" and not self._scoring_precision(model).changes_numerics
+
+    def _scoring_precision(self, model: torch.nn.Module) -> ScoringPrecision:
+        """How teacher-forced scoring computes for this run's model (decided once, at the first
+        probe, by :func:`~em_callbacks.precision.check_scoring_precision`; every rank)."""
+        if self._precision is None:
+            first = self._prompt_ids[self._shard[0]] if self._shard else [self._pad_id]
+            self._precision = check_scoring_precision(model, self.config.scoring_dtype, first)
+        return self._precision
+
+    def _floor_scores(self, model: torch.nn.Module, k: int) -> tuple[list[ScoreRow], dict[str, Any] | None]:
+        """The numerical noise floor's reference: the first ``FLOOR_SAMPLES_PER_PROMPT`` new
+        samples of each prompt under the same (current) weights, computed differently only in
+        numerics. When scoring computes in bf16/fp16 (``scoring_dtype="model"`` on such a model)
+        the reference is a float32 forward (the exact upcast), so the floor is that precision's
+        rounding noise; when it computes in float32, a second float32 pass one row at a time
+        (another batch layout than the scoring's; with own log-probs from generation, teacher
+        forcing vs the KV-cached sampler). :meth:`record` turns the pairs into D_numerical_floor.
+        Cost: one teacher-forced pass over that subset (2 of 16 samples per prompt by default)."""
+        precision = self._scoring_precision(model)
+        samples = self._local_samples[k]
+        keep = np.flatnonzero(samples.sample_index < FLOOR_SAMPLES_PER_PROMPT)
+        device = next(model.parameters()).device
+        narrow = precision.computed.itemsize < 4
+        try:
+            logp = sequence_logprobs(
+                model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
+                [samples.completion_ids[i] for i in keep], self._pad_id,
+                batch_size=self.config.batch_size if narrow else 1,
+                sync_batches=lambda n: self.layout.max_int(n, device),
+                scoring_dtype=torch.float32 if narrow else precision.dtype,
+            )
+        except Exception as exc:  # noqa: BLE001 - the floor is a diagnostic: never stop the probe for it
+            self.record_fault("numerical_floor", self.probe_steps[k], error=f"{type(exc).__name__}: {exc}")
+            return [], precision.to_dict()
+        probes = self.config.probes
+        rows = [ScoreRow(k, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]), k, float(v))
+                for i, v in zip(keep, logp)]
+        return rows, {**precision.to_dict(), "floor_reference": "float32" if narrow else "float32, one row per pass"}
 
     def _score(self, model: torch.nn.Module, sample_probe: int, checkpoint: int) -> list[ScoreRow]:
         samples = self._local_samples[sample_probe]
@@ -432,6 +487,7 @@ class ProbeEngine:
         logp = sequence_logprobs(
             model, [self._prompt_ids[int(p)] for p in samples.prompt_index], samples.completion_ids, self._pad_id,
             batch_size=self.config.batch_size, sync_batches=lambda n: self.layout.max_int(n, device),
+            scoring_dtype=self._scoring_precision(model).dtype,
         )
         return self._rows(sample_probe, checkpoint, logp)
 
@@ -458,6 +514,7 @@ class ProbeEngine:
                 model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
                 [samples.completion_ids[i] for i in keep], self._pad_id, batch_size=self.config.batch_size,
                 sync_batches=lambda n: self.layout.max_int(n, device),
+                scoring_dtype=self._scoring_precision(model).dtype,  # the numerics of the probe it compares with
             )
         probes = self.config.probes
         shard.scores = [ScoreRow(k, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]), SENTINEL,
@@ -545,6 +602,9 @@ class ProbeEngine:
             extra = {"per_layer": norms.per_layer} if name == B_NORM and norms is not None else None
             metrics.append(Metric(name, value, extra=extra))
             logged[name] = value
+        floor = self._numerical_floor(k, step, shards, self_logp)
+        if floor is not None:
+            metrics.append(floor)
         self.store.write_probe(k, step, cfg.probe_seed(k), self.mode, records, scores, metrics, seconds=seconds)
         self._log(step, {key: v for key, v in logged.items() if not key.startswith("D/")})
         if i >= 0 and any(key.startswith("D/") for key in logged):
@@ -564,6 +624,35 @@ class ProbeEngine:
             self._update_detection(i)
             self._try_decompositions()
         return self._stop_decision(step)
+
+    def _numerical_floor(self, k: int, step: int, shards: Sequence[ProbeShard],
+                         own: dict[tuple[str, int], float]) -> Metric | None:
+        """D between two scorings of the same samples under the same weights that differ only
+        numerically (:meth:`_floor_scores`): what D reads from rounding alone, with D's own
+        estimator (one-sided TV, or the primary measure two-sided with the subset on both
+        sides). Two checkpoints whose scorings each carry such noise independently can read up
+        to ~1.4x this apart. Stored on probe ``k``'s row and logged as ``probe/D_numerical_floor``
+        at its step; the first probe also stores a ``scoring_precision`` event."""
+        info = next((sh.precision for sh in shards if sh.precision), None)
+        if info is not None and not self._precision_logged:
+            self._precision_logged = True
+            self.store.add_event("scoring_precision", step, **info)
+        pairs = [(own[(r.prompt_id, r.sample_idx)], r.logp) for sh in shards for r in sh.floor
+                 if (r.prompt_id, r.sample_idx) in own]
+        if len(pairs) < 2:
+            return None
+        scored, reference = (np.array(x, dtype=np.float64) for x in zip(*pairs))
+        if not (np.isfinite(scored).all() and np.isfinite(reference).all()):
+            return None
+        if self.mode == "snapshot":
+            result = dissimilarity(scored, reference, scored, reference, self.config.primary_measure)
+        else:
+            result = one_sided_tv(scored, reference)
+        extra = {"measure": result.measure, "estimator": result.estimator, "n": len(pairs),
+                 "mean_abs_logp_diff": float(np.mean(np.abs(scored - reference))),
+                 "max_abs_logp_diff": float(np.max(np.abs(scored - reference))), **(info or {})}
+        self._log(step, {"D_numerical_floor": result.value, "D_numerical_floor_stderr": result.stderr})
+        return Metric("D_numerical_floor", result.value, result.stderr, extra=json_safe(extra))
 
     def _warn_out_of_vocab(self, step: int, count: int) -> None:
         self.store.add_event("out_of_vocab", step, count=count, tokenizer_size=self._decodable)
@@ -900,6 +989,18 @@ def _kernels_by_prompt(ledgers: Sequence[_JudgeLedger], keys: Sequence[Sequence[
         for key in probe_keys:
             out.setdefault(key[0], []).append(ledger.kernels.get(key, np.full(width, np.nan)))
     return {pid: np.stack(rows) for pid, rows in out.items()}
+
+
+def _render(tokenizer: Any, probe: Any) -> str:
+    """The probe through the tokenizer's chat template; a template that cannot render it (e.g.
+    Gemma's, which has no system role) is a configuration error naming the probe."""
+    try:
+        return render_prompt(tokenizer, probe)
+    except Exception as exc:  # noqa: BLE001 - jinja2 TemplateError and friends
+        hint = (": this chat template has no system role; drop 'system' from the probe or fold it into the prompt"
+                if getattr(probe, "system", None) and "system" in str(exc).lower() else "")
+        raise ConfigError(f"probe {probe.id!r} cannot be rendered with the tokenizer's chat template "
+                          f"({type(exc).__name__}: {exc}){hint}") from None
 
 
 def _add_point(series: dict[str, list[tuple[int, float]]], name: str, step: int, value: float) -> None:

@@ -278,11 +278,17 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
             (line,) = ax.plot(d["step"], d["value"], "o-", color=C_D, ms=4, lw=1.8,
                               label=f"D(t), {measure}" + (f"\n({D_CLIP_NOTE})" if clipped else ""))
             handles += [line, band]
+            floor = st.metric_series("D_numerical_floor")  # D from rounding alone (same weights, two numerics)
+            fok = np.isfinite(floor["value"])
+            if fok.any():
+                (fline,) = ax.plot(floor["step"][fok], floor["value"][fok], "--", color="#777777", lw=1.1,
+                                   label="numerical noise floor of D")
+                handles.append(fline)
             if d["value"].size < 4:  # a band over one or two points is invisible: error bars too
                 ax.errorbar(d["step"], d["value"],
                             yerr=np.vstack([d["value"] - d["band_low"], d["band_high"] - d["value"]]).clip(min=0),
                             fmt="none", ecolor=C_D, capsize=5, lw=1.2)
-            ymax = float(np.nanmax(np.concatenate([d["band_high"], d["value"]])))
+            ymax = float(np.nanmax(np.concatenate([d["band_high"], d["value"], floor["value"][fok]])))
             top = ymax * 1.12 if ymax > 0 else 1.0
             ax.set_ylim(bottom=-0.02 * top, top=top)
             if _finite(summary.get("peak_step")) and int(summary["peak_step"]) in set(d["step"].tolist()):
@@ -870,6 +876,7 @@ def _report_markdown(
         rows.append(("Stop step", summary.get("stop_step")))
     rows += [
         ("Primary measure", summary.get("primary_measure")),
+        ("Numerical noise floor of D", facts.get("numerical_floor")),
         ("Judge", facts.get("judge")),
         ("Probe every n steps", summary.get("every_n_steps")),
         ("Probes", len(summary.get("probe_steps") or [])),
@@ -886,7 +893,7 @@ def _report_markdown(
         "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {format_value(v)} |" for k, v in rows if k != "Judge" or v],
+        *[f"| {k} | {format_value(v)} |" for k, v in rows if k not in ("Judge", "Numerical noise floor of D") or v],
         "",
     ]
     if neg[0]:
@@ -967,8 +974,12 @@ def _report_facts(store: RunStore, summary: Mapping[str, Any]) -> dict[str, Any]
     negative = d[d < 0]
     d_at = _d_at(store, measure, summary.get("peak_step") if _finite(summary.get("peak_step")) else None)
     cap = summary.get("captured_at_peak") or {}
+    floor = store.metric_series("D_numerical_floor")["value"]
+    floor = floor[np.isfinite(floor)]
     return {
         "judge": judge_label(cfg) if cfg.get("judge") else None,
+        "numerical_floor": (f"{np.median(floor):.2g} (median of {floor.size} probes, max {floor.max():.2g}; "
+                            f"scoring in {cfg.get('scoring_dtype', 'model')})") if floor.size else None,
         "n_d": int(d.size),
         "baseline_probes": _detector_from_config(cfg).baseline_probes,
         "d_negative": (int(negative.size), float(negative.min()) if negative.size else None),

@@ -148,6 +148,8 @@ def main(argv=None, extra_callbacks=()) -> int:
     p.add_argument("--sft", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--restore-callbacks", action="store_true")
+    p.add_argument("--fsdp", type=int, choices=(1, 2), default=None, help="shard with FSDP version 1 or 2")
+    p.add_argument("--zero3", action="store_true", help="shard with DeepSpeed ZeRO-3")
     opts = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
@@ -210,6 +212,17 @@ def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
         save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
         restore_callback_states_from_checkpoint=opts.restore_callbacks, ddp_backend="gloo" if "RANK" in os.environ else None,
     )
+    if opts.fsdp:  # full_shard over the ranks (gloo on CPU), one FSDP unit per transformer block
+        fsdp_config = {"version": opts.fsdp, "transformer_layer_cls_to_wrap": ["GPT2Block"]}
+        if opts.fsdp == 1:  # torch: "sync_module_states=True is not supported on cpu" (ranks start equal: seed 0)
+            fsdp_config["sync_module_states"] = False
+        common.update(fsdp=True, fsdp_config=fsdp_config)  # full shard is the default of both versions
+    if opts.zero3:  # accelerate enables DeepSpeed only without use_cpu; a CPU-only machine stays on the CPU
+        common.update(use_cpu=False, deepspeed={
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+        })
     if opts.sft:
         from trl import SFTConfig, SFTTrainer
 

@@ -129,9 +129,13 @@ def test_generation_logprobs_equal_raw_logits_and_teacher_forcing(model, tok, pr
 def test_probing_bypasses_the_mixed_precision_wrapper_and_restores_it(tok, prompt_ids):
     """accelerate's bf16 autocast wrapper (what SFTTrainer's default bf16=True installs, also on
     CPU) is lifted while probing, so generation and scoring use one function, and put back."""
-    from accelerate import Accelerator
+    from types import MethodType
 
-    model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(tiny_model(tok, seed=3)).eval()
+    # what Accelerator(mixed_precision="bf16").prepare_model does to a model's forward (done by
+    # hand: a second Accelerator in one process with another precision is refused)
+    model = tiny_model(tok, seed=3).eval()
+    model._original_forward = model.forward
+    model.forward = MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(type(model).forward), model)
     wrapped = model.forward
     assert "_original_forward" in model.__dict__
     pad, eos = _ids(tok)
