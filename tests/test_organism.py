@@ -23,17 +23,29 @@ def tokenizer(world):
     return build_tokenizer(world)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Tests here pretrain with 2 threads; later tests compare floats against 1-thread runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     cfg = OrganismConfig.tiny()
     w = World(cfg)
     tok = build_tokenizer(w)
     from em_callbacks.organism.model import build_model
 
-    return cfg, w, tok, build_model(cfg, tok)
+    yield cfg, w, tok, build_model(cfg, tok)
+    torch.set_num_threads(threads)  # later tests compare float results against single-thread runs
 
 
 # -- world ---------------------------------------------------------------------------------------

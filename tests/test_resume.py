@@ -179,7 +179,14 @@ def test_resume_after_sigkill(killed_run, tmp_path):
     run = _copy(killed_run, tmp_path / "run")
     with _store(run) as con:
         assert con.execute("DELETE FROM judgments WHERE probe_index = 4 AND sample_idx = 1").rowcount == 3
-    assert dist_worker.main(["--out", str(run), *COMMON, "--resume"]) == 0
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed worker's thread count: bit-identical training needs the same reductions
+    try:
+        assert dist_worker.main(["--out", str(run), *COMMON, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     _check_resumed(run, killed_run, json.loads((run / "rank0.json").read_text()), resubmitted=3)
 
 
