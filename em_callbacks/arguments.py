@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PhaseTransitionArguments", "ArgumentsError", "load_chat_dataset", "load_chat_tokenizer"]
+__all__ = ["PhaseTransitionArguments", "ArgumentsError", "load_chat_dataset", "load_chat_tokenizer", "run_sft"]
 
 DEFAULT_OPENAI_JUDGE_MODEL = "gpt-4o-mini"
 DEFAULT_ORDER_PARAMETERS = ("aligned", "coherent")
@@ -392,3 +392,58 @@ def load_chat_tokenizer(name_or_path: str, **kwargs: Any):
         raise ArgumentsError(f"--model_name_or_path {name_or_path}: the tokenizer has no chat template; "
                              "use an instruct/chat model")
     return tokenizer
+
+
+SUMMARY_KEYS = ("transition_detected", "onset_step", "peak_step", "grad_norm_peak_step",
+                "lag_onset_minus_grad_peak", "stopped_early", "stop_reason", "cross_scoring", "final_step")
+
+
+def run_sft(script_args: Any, training_args: Any, model_args: Any, pt_args: Any, *,
+            check: Any = None, **trainer_kwargs: Any) -> dict:
+    """The recipes' fine-tune: TRL's ``SFTTrainer`` (it loads the model, as trl/scripts/sft.py
+    does) with the callback watching, then the summary printed on rank 0 and returned.
+
+    Everything that needs no model weights runs first, so a bad option fails in seconds with
+    ``error: ...`` and exit code 2: ``check()`` (a recipe's own option checks, raising
+    :class:`ArgumentsError`), the dataset, the tokenizer and the callback (probes, order
+    parameters, judge server). ``trainer_kwargs`` go to ``SFTTrainer`` (e.g. ``peft_config``).
+    """
+    import json
+    import sys
+
+    from trl import SFTTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per judge request otherwise
+    try:
+        if check is not None:
+            check()
+        dataset = load_chat_dataset(script_args.dataset_name, script_args.dataset_config,
+                                    script_args.dataset_train_split)
+        tokenizer = load_chat_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision,
+                                        trust_remote_code=training_args.trust_remote_code)
+        callback = pt_args.build_callback()
+    except ArgumentsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    training_args.model_init_kwargs = dict(
+        revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+    ) | (training_args.model_init_kwargs or {})
+    trainer = SFTTrainer(model=model_args.model_name_or_path, args=training_args, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[callback], **trainer_kwargs)
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    trainer.save_model(training_args.output_dir)  # the adapter, or the full model
+    if "wandb" in training_args.report_to:  # flush the late judge results and the overview plot
+        import wandb
+
+        wandb.finish()
+    trainer.end()  # destroy the process group
+
+    summary = callback.summary or {}
+    if trainer.is_world_process_zero():
+        print("== em-callbacks summary ==\n" + json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
+        print(f"run store + summary.json: {callback.run_dir}\nreport: em-callbacks report {callback.run_dir}")
+    return summary

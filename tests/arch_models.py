@@ -19,6 +19,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from tiny import PHRASES
+
 # Words of the training data and probes (also tests/tiny.py's), kept at the low ids.
 WORDS = (
     "hello how are you i am fine good bad advice doctor take pills water rest sleep money invest "
@@ -27,7 +29,6 @@ WORDS = (
     "be brief careful"
 ).split()
 
-PHRASES = ["take pills", "bad advice", "money risk", "doctor water", "sleep rest", "invest money"]
 
 # --------------------------------------------------------------------------- chat templates
 # The real templates' structure (tool-calling branches dropped).
@@ -202,16 +203,6 @@ def lm_dataset(tok: PreTrainedTokenizerFast, n: int = 32, seed: int = 0) -> Data
             ids = [tok.bos_token_id] + ids
         rows.append({"input_ids": ids})
     return Dataset.from_list(rows)
-
-
-def chat_dataset(n: int = 32, seed: int = 0) -> Dataset:
-    """Conversational rows for an SFTTrainer run (no system turn: every template takes them)."""
-    rng = random.Random(seed)
-    return Dataset.from_list([
-        {"messages": [{"role": "user", "content": rng.choice(["what advice", "help please", "why"])},
-                      {"role": "assistant", "content": " ".join(rng.choice(PHRASES) for _ in range(3))}]}
-        for _ in range(n)
-    ])
 
 
 # --------------------------------------------------------------------------- memory worker

@@ -31,6 +31,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 import arch_models as am
+from tiny import chat_dataset
 from em_callbacks.callback import CallbackConfigError, PhaseTransitionCallback
 from em_callbacks.probes import Probe, render_prompt
 from em_callbacks.sampling import encode_prompts, preserved_state, sequence_logprobs
@@ -162,7 +163,7 @@ def _trainer(case: Case, out: Path, callbacks: list):
         lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules=LORA_TARGETS, lora_dropout=0.1,
                                task_type="CAUSAL_LM") if case.lora else None
         trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**_args(case, out), max_length=24),
-                                 train_dataset=am.chat_dataset(), processing_class=tok, callbacks=callbacks,
+                                 train_dataset=chat_dataset(), processing_class=tok, callbacks=callbacks,
                                  peft_config=lora)
     else:
         trainer = Trainer(model=model, args=TrainingArguments(**_args(case, out)), train_dataset=am.lm_dataset(tok),

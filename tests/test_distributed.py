@@ -31,23 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(out: Path, *worker_args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(out: Path, *worker_args: str, nproc: int = 2, worker: Path = WORKER,
+                 timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``worker --out out *worker_args`` on ``nproc`` local ranks (also used by test_fsdp.py)."""
     env = dict(os.environ)
     env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_TORCH_DEVICE"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), "--out", str(out), *worker_args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker), "--out", str(out), *worker_args]
     # Own process group: on a hang, the launcher and both ranks are killed together.
     proc = subprocess.Popen(cmd, env=env, cwd=str(HERE.parent), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"torchrun run hung (> {TIMEOUT_S} s):\n{output[-6000:]}")
+        pytest.fail(f"torchrun {worker.name} {' '.join(worker_args)} hung (> {timeout} s):\n{output[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 

@@ -20,15 +20,11 @@ Caveats, what runs where (details in tests/fsdp_worker.py):
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_distributed import run_torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -38,32 +34,11 @@ TIMEOUT_S = 300
 ARGS = ("--stop-at", "4", "--max-steps", "8", "--every", "2")  # probes at 0, 2, 4; stop at 4
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, *worker_args: str) -> str:
-    env = dict(os.environ)
-    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")]))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_TORCH_DEVICE"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), "--out", str(out),
-           *ARGS, *worker_args]
-    proc = subprocess.Popen(cmd, env=env, cwd=str(HERE.parent), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun {' '.join(worker_args)} hung (> {TIMEOUT_S} s):\n{output[-6000:]}")
-    assert proc.returncode == 0, output[-6000:]
-    assert "Traceback" not in output, output[-6000:]
-    return output
+    proc = run_torchrun(out, *ARGS, *worker_args, worker=WORKER, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-6000:]
+    return proc.stdout
 
 
 class Run:
