@@ -269,16 +269,13 @@ def analyze_checkpoints(
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     checkpoints = find_checkpoints(paths)
-    good = []
-    for ckpt in checkpoints:
-        problem = _problem(ckpt)
-        if problem is None:
-            good.append(ckpt)
-        elif skip_bad:
-            logger.warning("em-callbacks analyze: skipping %s: %s", ckpt.path, problem)
-        else:
+    problems = {ckpt: _problem(ckpt) for ckpt in checkpoints}
+    for ckpt, problem in problems.items():
+        if problem is not None and not skip_bad:
             raise CheckpointError(f"{ckpt.path}: {problem} (pass skip_bad=True / --skip-bad to skip it)")
-    skipped = [c for c in checkpoints if c not in good]
+        if problem is not None:
+            logger.warning("em-callbacks analyze: skipping %s: %s", ckpt.path, problem)
+    good = [c for c in checkpoints if problems[c] is None]
     if not good:
         raise CheckpointError("no readable checkpoint left to analyse")
     kind = good[0].kind
@@ -319,8 +316,8 @@ def analyze_checkpoints(
                     "checkpoints": [str(c.path) for c in good], "checkpoint_kind": kind,
                     "base_model": str(base) if base is not None else None},
     )
-    for ckpt in skipped:
-        engine.store.add_event("checkpoint_skipped", ckpt.step, path=str(ckpt.path), problem=_problem(ckpt))
+    for ckpt in (c for c in checkpoints if problems[c] is not None):
+        engine.store.add_event("checkpoint_skipped", ckpt.step, path=str(ckpt.path), problem=problems[ckpt])
     for step, value in sorted(_grad_norms(good).items()):
         engine.record_grad_norm(step, value)
     source = WeightSnapshots(keep=2 * window - 1) if kind == "adapter" else _ResidentPrevious()

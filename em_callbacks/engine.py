@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 CROSS_SCORING_MODES = ("auto", "snapshot", "one-sided")
-OWN_LOGPROBS = ("generation", "teacher-forcing")
-SENTINEL = -1  # checkpoint index of the drift sentinel's scores (the current weights between probes)  # where the new samples' own log-probs come from
+OWN_LOGPROBS = ("generation", "teacher-forcing")  # where the new samples' own log-probs come from
+SENTINEL = -1  # checkpoint index of the drift sentinel's scores (the current weights between probes)
 # The numerical noise floor scores the first this many new samples of each prompt again (the
 # current weights, other numerics); see ProbeEngine._floor_scores.
 FLOOR_SAMPLES_PER_PROMPT = 2
@@ -461,40 +461,38 @@ class ProbeEngine:
         forcing vs the KV-cached sampler). :meth:`record` turns the pairs into D_numerical_floor.
         Cost: one teacher-forced pass over that subset (2 of 16 samples per prompt by default)."""
         precision = self._scoring_precision(model)
-        samples = self._local_samples[k]
-        keep = np.flatnonzero(samples.sample_index < FLOOR_SAMPLES_PER_PROMPT)
-        device = next(model.parameters()).device
         narrow = precision.computed.itemsize < 4
         try:
-            logp = sequence_logprobs(
-                model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
-                [samples.completion_ids[i] for i in keep], self._pad_id,
-                batch_size=self.config.batch_size if narrow else 1,
-                sync_batches=lambda n: self.layout.max_int(n, device),
-                scoring_dtype=torch.float32 if narrow else precision.dtype,
-            )
+            rows = self._score(model, k, k, per_prompt=FLOOR_SAMPLES_PER_PROMPT,
+                               batch_size=self.config.batch_size if narrow else 1,
+                               scoring_dtype=torch.float32 if narrow else precision.dtype)
         except Exception as exc:  # noqa: BLE001 - the floor is a diagnostic: never stop the probe for it
             self.record_fault("numerical_floor", self.probe_steps[k], error=f"{type(exc).__name__}: {exc}")
             return [], precision.to_dict()
-        probes = self.config.probes
-        rows = [ScoreRow(k, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]), k, float(v))
-                for i, v in zip(keep, logp)]
         return rows, {**precision.to_dict(), "floor_reference": "float32" if narrow else "float32, one row per pass"}
 
-    def _score(self, model: torch.nn.Module, sample_probe: int, checkpoint: int) -> list[ScoreRow]:
+    def _score(self, model: torch.nn.Module, sample_probe: int, checkpoint: int, *, per_prompt: int | None = None,
+               batch_size: int | None = None, scoring_dtype: Any = None) -> list[ScoreRow]:
+        """Probe ``sample_probe``'s samples on this rank (the first ``per_prompt`` of each prompt,
+        or all) scored by teacher forcing under ``model``, labelled ``checkpoint``. Defaults: the
+        probe batch size and the run's scoring precision; every rank makes as many passes."""
         samples = self._local_samples[sample_probe]
+        keep = np.arange(len(samples)) if per_prompt is None else np.flatnonzero(samples.sample_index < per_prompt)
         device = next(model.parameters()).device
         logp = sequence_logprobs(
-            model, [self._prompt_ids[int(p)] for p in samples.prompt_index], samples.completion_ids, self._pad_id,
-            batch_size=self.config.batch_size, sync_batches=lambda n: self.layout.max_int(n, device),
-            scoring_dtype=self._scoring_precision(model).dtype,
+            model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
+            [samples.completion_ids[i] for i in keep], self._pad_id,
+            batch_size=batch_size or self.config.batch_size, sync_batches=lambda n: self.layout.max_int(n, device),
+            scoring_dtype=scoring_dtype if scoring_dtype is not None else self._scoring_precision(model).dtype,
         )
-        return self._rows(sample_probe, checkpoint, logp)
+        return self._rows(sample_probe, checkpoint, logp, keep)
 
-    def _rows(self, sample_probe: int, checkpoint: int, logp: Sequence[float]) -> list[ScoreRow]:
+    def _rows(self, sample_probe: int, checkpoint: int, logp: Sequence[float],
+              keep: Sequence[int] | None = None) -> list[ScoreRow]:
         samples, probes = self._local_samples[sample_probe], self.config.probes
-        return [ScoreRow(sample_probe, probes[int(p)].id, int(s), checkpoint, float(v))
-                for p, s, v in zip(samples.prompt_index, samples.sample_index, logp)]
+        keep = range(len(samples)) if keep is None else keep
+        return [ScoreRow(sample_probe, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]),
+                         checkpoint, float(v)) for i, v in zip(keep, logp)]
 
     # ----------------------------------------------------------------- drift sentinel
     def sentinel_scores(self, model: torch.nn.Module) -> ProbeShard:
@@ -505,20 +503,9 @@ class ProbeEngine:
         if not self._local_samples:
             return shard
         k = max(self._local_samples)
-        samples = self._local_samples[k]
-        keep = np.flatnonzero(samples.sample_index < self.config.sentinel_samples_per_prompt)
-        device = next(model.parameters()).device
         with preserved_state(model, self._tok):
-            model.eval()
-            logp = sequence_logprobs(
-                model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
-                [samples.completion_ids[i] for i in keep], self._pad_id, batch_size=self.config.batch_size,
-                sync_batches=lambda n: self.layout.max_int(n, device),
-                scoring_dtype=self._scoring_precision(model).dtype,  # the numerics of the probe it compares with
-            )
-        probes = self.config.probes
-        shard.scores = [ScoreRow(k, probes[int(samples.prompt_index[i])].id, int(samples.sample_index[i]), SENTINEL,
-                                 float(v)) for i, v in zip(keep, logp)]
+            model.eval()  # scored in the numerics of the probe it is compared with
+            shard.scores = self._score(model, k, SENTINEL, per_prompt=self.config.sentinel_samples_per_prompt)
         return shard
 
     def record_sentinel(self, step: int, shards: Sequence[ProbeShard]) -> DissimilarityResult | None:
