@@ -5,11 +5,12 @@ Misalignment" (Arnold & Lörch, 2025) as a ``transformers.TrainerCallback``.
 """
 
 from .probes import Probe, ProbeSet
+from .schedule import ProbeSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["PhaseTransitionCallback", "analyze_checkpoints", "ProbeSet", "Probe", "OrderParameter", "Scale",
-           "__version__"]
+__all__ = ["PhaseTransitionCallback", "analyze_checkpoints", "ProbeSet", "Probe", "ProbeSchedule", "OrderParameter",
+           "Scale", "__version__"]
 
 
 def __getattr__(name: str):

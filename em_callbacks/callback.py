@@ -21,6 +21,7 @@ from . import detect
 from .divergence import MEASURES
 from .distributed import Distributed
 from .engine import CROSS_SCORING_MODES, ConfigError, EngineConfig, ProbeEngine, StopDecision, check_int
+from .schedule import SCHEDULES, ProbeSchedule
 from .probes import ProbeSet
 from .sampling import SamplerConfigError, WeightSnapshots, prepare_tokenizer
 from .store import RunStore
@@ -42,7 +43,19 @@ class PhaseTransitionCallback(TrainerCallback):
 
     Args:
         probes: a :class:`ProbeSet`, a built-in name, a JSONL/YAML path or a list of prompts.
-        every_n_steps: probe every this many optimizer steps (and at step 0).
+        every_n_steps: probe every this many optimizer steps (and at step 0); with
+            ``schedule="adaptive"`` the longest interval between probes.
+        schedule: "fixed" (default) probes every ``every_n_steps``; "adaptive" probes densely
+            for the baseline, then every ``every_n_steps`` while the drift sentinel says the
+            model is quiet, earlier (down to ``min_interval``) once it has moved as far as a
+            transition moves it (:mod:`em_callbacks.schedule`). Detection, the peak and the
+            plots read D per ``min_interval`` steps (``D_rate``; equal to D on a fixed grid). A
+            :class:`~em_callbacks.schedule.ProbeSchedule` sets every knob (trigger included).
+        min_interval: adaptive: the shortest interval and the baseline's spacing (default
+            ``every_n_steps // 4``).
+        focus_factor: while a transition is under way (onset seen, peak not confirmed) probes
+            draw this many times ``samples_per_prompt``, so the captured fractions at the peak
+            resolve (default: 4 with the adaptive schedule, 1 with the fixed one; needs window=1).
         samples_per_prompt: samples drawn per prompt at each probe step (>= 2).
         max_new_tokens: length cap of each sample.
         order_parameters: :class:`OrderParameter` objects scored by ``judge``.
@@ -64,7 +77,8 @@ class PhaseTransitionCallback(TrainerCallback):
         sentinel_every_n_steps: between probes, every this many steps, score the last probe's
             samples (``sentinel_samples_per_prompt`` per prompt) under the current weights and
             log how far the model moved since (``sentinel/tv``): one scoring pass, no
-            generation. Off by default.
+            generation. Off by default with the fixed schedule; the adaptive one steers by it
+            (default ``min_interval // 2``).
         scoring_dtype: "float32" (default) computes the teacher-forced log-probs D is made of in
             float32 whatever the model's dtype (an exact upcast at each operation, no copy of the
             model; samples are still drawn by the model as it is): a bf16 model's rounding would
@@ -103,8 +117,32 @@ class PhaseTransitionCallback(TrainerCallback):
         sentinel_every_n_steps: int | None = None,
         sentinel_samples_per_prompt: int = 4,
         scoring_dtype: str = "float32",
+        schedule: str | ProbeSchedule = "fixed",
+        min_interval: int | None = None,
+        focus_factor: int | None = None,
     ):
         check_int("every_n_steps", every_n_steps, minimum=1)
+        for name, value in (("min_interval", min_interval), ("sentinel_every_n_steps", sentinel_every_n_steps)):
+            if value is not None:
+                check_int(name, value, minimum=1)
+        if isinstance(schedule, ProbeSchedule):  # every knob set by the caller; it also sets the interval
+            if min_interval is not None or sentinel_every_n_steps is not None:
+                raise CallbackConfigError("pass min_interval / sentinel_every_n_steps inside the ProbeSchedule")
+            every_n_steps = schedule.every_n_steps
+        elif schedule not in SCHEDULES:
+            raise CallbackConfigError(f"schedule must be one of {SCHEDULES} or a ProbeSchedule, got {schedule!r}")
+        elif min_interval is not None and schedule != "adaptive":
+            raise CallbackConfigError("min_interval applies to schedule='adaptive' only")
+        else:
+            try:
+                schedule = ProbeSchedule(
+                    schedule, every_n_steps, min_interval=min_interval, sentinel_every_n_steps=sentinel_every_n_steps,
+                    baseline_probes=2 * window - 1 + (detector or detect.TransitionDetector()).baseline_probes)
+            except ValueError as exc:
+                raise CallbackConfigError(str(exc)) from None
+        self.schedule = schedule
+        if focus_factor is None:
+            focus_factor = 4 if schedule.adaptive and window == 1 else 1
         if cross_scoring not in CROSS_SCORING_MODES:
             raise CallbackConfigError(f"cross_scoring must be one of {CROSS_SCORING_MODES}, got {cross_scoring!r}")
         if cross_scoring == "one-sided" and window != 1:
@@ -121,11 +159,10 @@ class PhaseTransitionCallback(TrainerCallback):
             judge_concurrency=judge_concurrency, judge_drain_timeout=judge_drain_timeout,
             log_samples_table=log_samples_table, own_logprobs=own_logprobs,
             sentinel_samples_per_prompt=sentinel_samples_per_prompt, scoring_dtype=scoring_dtype,
+            focus_factor=focus_factor,
         )
-        if sentinel_every_n_steps is not None:
-            check_int("sentinel_every_n_steps", sentinel_every_n_steps, minimum=1)
         self.every_n_steps = every_n_steps
-        self.sentinel_every_n_steps = sentinel_every_n_steps
+        self.sentinel_every_n_steps = self.schedule.sentinel_every_n_steps
         self.cross_scoring = cross_scoring
         self.snapshot_full_model = snapshot_full_model
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -136,13 +173,14 @@ class PhaseTransitionCallback(TrainerCallback):
         self._started = False
         self._dist = Distributed()
         self._snapshots = WeightSnapshots(keep=0)
+        self._plan = (False, None)  # rank 0's (focus, onset level) after the last probe, on every rank
 
     # ------------------------------------------------------------------ public state
     # The probe options live in ``self.config`` (an EngineConfig); read them under their names.
     for _name in ("probes", "samples_per_prompt", "max_new_tokens", "order_parameters", "judge", "window",
                   "measures", "primary_measure", "seed", "batch_size", "detector", "stop_rule",
                   "judge_concurrency", "judge_drain_timeout", "log_samples_table", "own_logprobs",
-                  "sentinel_samples_per_prompt", "scoring_dtype"):
+                  "sentinel_samples_per_prompt", "scoring_dtype", "focus_factor"):
         locals()[_name] = property(lambda self, _n=_name: getattr(self.config, _n))
     del _name
 
@@ -189,19 +227,20 @@ class PhaseTransitionCallback(TrainerCallback):
         self._snapshots = WeightSnapshots(keep=2 * self.config.window - 1 if mode == "snapshot" else 0)
         self._check_logging_resolution(args)
         wandb_on = self.report_to_wandb if self.report_to_wandb is not None else "wandb" in (args.report_to or [])
-        planned = state.max_steps // self.every_n_steps + 1 if state.max_steps and state.max_steps > 0 else None
+        sched = self.schedule
         self.engine.begin(
             tokenizer, self.output_dir or Path(args.output_dir) / "phase_transition", mode=mode, layout=self._dist,
-            sink=WandbSink(enabled=wandb_on), planned_probes=planned, resuming=state.global_step > 0,
-            run_config={"every_n_steps": self.every_n_steps, "world_size": self._dist.world_size,
-                        "output_dir": str(getattr(args, "output_dir", ""))},
+            sink=WandbSink(enabled=wandb_on), planned_probes=sched.planned_probes(state.max_steps),
+            resuming=state.global_step > 0, reference_interval=sched.reference_interval,
+            run_config={"every_n_steps": self.every_n_steps, "schedule": sched.kind, "min_interval": sched.min_interval,
+                        "sentinel_every_n_steps": sched.sentinel_every_n_steps,
+                        "world_size": self._dist.world_size, "output_dir": str(getattr(args, "output_dir", ""))},
         )
         self._started = True
+        self._plan = (False, None)
         if state.global_step > 0:
             self._resume(args, state)
-        if not self.engine.probe_steps or self.engine.probe_steps[-1] < state.global_step:
-            if state.global_step % self.every_n_steps == 0:
-                self._probe(model, state.global_step, control)
+        self._follow_schedule(model, state.global_step, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._started and self._dist.is_main and logs and "grad_norm" in logs:
@@ -212,13 +251,7 @@ class PhaseTransitionCallback(TrainerCallback):
             return
         if self._dist.is_main:
             self.engine.collect_judgments()
-        steps = self.engine.probe_steps
-        if state.global_step % self.every_n_steps == 0 and (not steps or steps[-1] < state.global_step):
-            self._probe(model, state.global_step, control)
-        elif self.sentinel_every_n_steps and steps and state.global_step % self.sentinel_every_n_steps == 0:
-            shards = self._dist.gather([self.engine.sentinel_scores(model)])
-            if self._dist.is_main:
-                self.engine.record_sentinel(state.global_step, shards)
+        self._follow_schedule(model, state.global_step, control)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -233,15 +266,37 @@ class PhaseTransitionCallback(TrainerCallback):
         self._started = False
 
     # ------------------------------------------------------------------ probing
-    def _probe(self, model: torch.nn.Module, step: int, control: Any) -> None:
+    def _follow_schedule(self, model: torch.nn.Module, step: int, control: Any) -> None:
+        """Probe, read the sentinel, or do nothing at ``step``, as the schedule says; every
+        input of the decision is the same on every rank (rank 0's readings are broadcast)."""
+        onset_level = self._plan[1]
+        decision = self.schedule.decide(step, self.engine.probe_steps, onset_level=onset_level)
+        if decision.action == "sentinel":
+            shards = self._dist.gather([self.engine.sentinel_scores(model)])
+            reading = None
+            if self._dist.is_main:
+                result = self.engine.record_sentinel(step, shards)
+                reading = (result.value, result.stderr) if result is not None else None
+            reading = self._dist.broadcast(reading)
+            if reading is None or not self.schedule.adaptive:
+                return
+            decision = self.schedule.decide(step, self.engine.probe_steps, onset_level=onset_level, sentinel=reading)
+        if decision.action == "probe":
+            self._probe(model, step, control, decision.reason)
+
+    def _probe(self, model: torch.nn.Module, step: int, control: Any, reason: str = "") -> None:
         t0 = time.perf_counter()
-        k = self.engine.begin_probe(step)
+        k = self.engine.begin_probe(step, focus=self._plan[0])
         adapter = self.engine.adapter_signal(model, step) if self._dist.is_main else {}
         shards = self._dist.gather([self.engine.sample_and_score(model, k, self._snapshots)])
-        decision = None
+        decision = plan = None
         if self._dist.is_main:
             decision = self.engine.record(k, step, shards, time.perf_counter() - t0, extra_metrics=adapter)
-        decision = self._dist.broadcast(decision)
+            plan = (self.engine.focus_active(), self.engine.onset_level())
+            if self.schedule.adaptive and reason:
+                self.engine.safe("schedule event", lambda: self.engine.store.add_event(
+                    "probe_scheduled", step, reason=reason, samples_per_prompt=self.engine.probe_samples[k]))
+        decision, self._plan = self._dist.broadcast((decision, plan))
         if decision is not None and self.engine.stopped is None:
             self.engine.stopped = decision
             control.should_training_stop = True
@@ -277,9 +332,9 @@ class PhaseTransitionCallback(TrainerCallback):
         logging_steps = getattr(args, "logging_steps", 1)
         if isinstance(logging_steps, float) and logging_steps < 1:
             return  # a fraction of training: cannot judge here
-        if logging_steps > max(1, self.every_n_steps // 5) and self._dist.is_main:
+        if logging_steps > max(1, self.schedule.min_interval // 5) and self._dist.is_main:
             warnings.warn(
-                f"logging_steps={logging_steps} is coarse against the probe interval ({self.every_n_steps}); "
+                f"logging_steps={logging_steps} is coarse against the probe interval ({self.schedule.min_interval}); "
                 "the grad-norm peak cannot be resolved. Set logging_steps=1 to record the grad norm every step.",
                 stacklevel=2,
             )
@@ -306,6 +361,7 @@ class PhaseTransitionCallback(TrainerCallback):
                 logger.warning("em-callbacks: resuming at step %d without saved callback state", state.global_step)
             return
         self.engine.load_state_dict(payload, state.global_step)
+        self._plan = (self.engine.focus_active(), self.engine.onset_level())  # the detector state is on every rank now
         snap = checkpoint / SNAPSHOT_FILENAME
         if self._snapshots.keep and snap.is_file():
             self._snapshots.load_state_dict(torch.load(snap, map_location="cpu", weights_only=True))

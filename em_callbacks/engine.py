@@ -31,6 +31,7 @@ from .adapter_signal import B_NORM, AdapterTrajectory
 from .divergence import MEASURES, DissimilarityResult, combine_prompts, dissimilarity, one_sided_tv
 from .history import ProbeHistory, WindowResult
 from .precision import SCORING_DTYPES, ScoringPrecision, check_scoring_precision
+from .schedule import interval_of, rate
 from .probes import ProbeSet, render_prompt
 from .sampling import (
     ProbeSamples,
@@ -171,6 +172,7 @@ class EngineConfig:
     own_logprobs: str = "generation"
     sentinel_samples_per_prompt: int = 4
     scoring_dtype: str = "float32"
+    focus_factor: int = 1  # samples_per_prompt is multiplied by this while a transition is under way
 
     def __post_init__(self) -> None:
         check_int("samples_per_prompt", self.samples_per_prompt, minimum=2, why="a variance needs two samples")
@@ -180,6 +182,9 @@ class EngineConfig:
         check_int("judge_concurrency", self.judge_concurrency, minimum=1)
         check_int("sentinel_samples_per_prompt", self.sentinel_samples_per_prompt, minimum=2,
                   why="a standard error needs two samples")
+        check_int("focus_factor", self.focus_factor, minimum=1)
+        if self.focus_factor > 1 and self.window != 1:
+            raise ConfigError("focus_factor > 1 needs window=1 (a window's mixture needs equal sample counts per probe)")
         self.measures = tuple(self.measures)
         unknown = [m for m in self.measures if m not in MEASURES]
         if unknown or not self.measures:
@@ -239,6 +244,7 @@ class EngineConfig:
             "primary_measure": self.primary_measure,
             "own_logprobs": self.own_logprobs,
             "scoring_dtype": self.scoring_dtype,
+            "focus_factor": self.focus_factor,
             "seed": self.seed,
             "order_parameters": [{"name": op.name, "statement": getattr(op, "statement", "")} for op in self.order_parameters],
             "judge": judge_config,
@@ -299,6 +305,8 @@ class ProbeEngine:
         self.sink = WandbSink(enabled=False)
         self.summary: RunSummary | None = None
         self.probe_steps: list[int] = []
+        self.probe_samples: list[int] = []  # samples per prompt of each probe (focus raises it)
+        self.reference_interval: int | None = None  # D_rate is D per this many steps
         self.stopped: StopDecision | None = None
         self.faults: list[dict[str, Any]] = []
         self.grad_norms: dict[int, float] = {}
@@ -345,6 +353,7 @@ class ProbeEngine:
         run_config: dict[str, Any] | None = None,
         planned_probes: int | None = None,
         resuming: bool = False,
+        reference_interval: int | None = None,
     ) -> None:
         """Open a run: prompts on every rank; store, judges and sink on rank 0.
 
@@ -360,6 +369,7 @@ class ProbeEngine:
         self.layout = layout or RankLayout()
         self.mode = mode
         self.run_dir = Path(run_dir)
+        self.reference_interval = reference_interval
         self.prepare(tokenizer)
         self.feasibility = detection_feasibility(planned_probes, self.config.min_probes_for_detection())
         if not self.layout.is_main:
@@ -373,7 +383,8 @@ class ProbeEngine:
                 warnings.warn(f"em-callbacks: {self.run_dir} held an earlier run; it was moved to {moved} "
                               "(nothing is overwritten)", stacklevel=3)
         self.sink = sink or WandbSink(enabled=False)
-        config = self.config.to_dict(cross_scoring=mode, **(run_config or {}), detection=self.feasibility)
+        config = self.config.to_dict(cross_scoring=mode, **(run_config or {}), detection=self.feasibility,
+                                     reference_interval=reference_interval)
         self.store = RunStore(self.run_dir)
         self.store.set_meta(config=config)
         self.store.write_prompts(
@@ -392,21 +403,43 @@ class ProbeEngine:
             self.store.add_event("detection_impossible", None, **self.feasibility)
 
     # ----------------------------------------------------------------- all ranks
-    def begin_probe(self, step: int) -> int:
-        """Register a probe at training step ``step`` (every rank); returns its index ``k``."""
+    def begin_probe(self, step: int, focus: bool | None = None) -> int:
+        """Register a probe at training step ``step`` (every rank); returns its index ``k``.
+        ``focus``: whether a transition is under way (then the probe draws ``focus_factor``
+        times the samples); default: this engine's own detector says so (rank 0, offline). A
+        multi-rank driver passes rank 0's answer to every rank."""
+        focus = self.focus_active() if focus is None else focus
         self.probe_steps.append(int(step))
+        self.probe_samples.append(self.config.samples_per_prompt * (self.config.focus_factor if focus else 1))
         return len(self.probe_steps) - 1
+
+    def focus_active(self) -> bool:
+        """A transition is under way: onset seen, peak not yet confirmed."""
+        state = self.detector.state
+        return state.onset_step is not None and not state.peak_confirmed
+
+    def onset_level(self) -> float | None:
+        """What the adaptive schedule's trigger is scaled by, in D_rate of TV (the sentinel's
+        measure): the rate the detector would call an onset (baseline mean + the rise it needs
+        at the baseline's stderr), or once a transition is under way its fastest rate so far
+        (the peak), so probes stay a fixed fraction of the transition's own scale apart. None
+        before the baseline is complete, or when detection runs on another measure."""
+        state = self.detector.state
+        if self.config.primary_measure != "tv" or state.baseline_mean is None:
+            return None
+        return max(state.baseline_mean + self.detector.threshold_for(float("nan")), state.peak_value or 0.0)
 
     def sample_and_score(self, model: torch.nn.Module, k: int, checkpoints: CheckpointSource) -> ProbeShard:
         """This rank's share of probe ``k``: new samples, and every log-prob the band needs."""
         cfg, layout = self.config, self.layout
-        n_batches = math.ceil(math.ceil(len(cfg.probes) / layout.world_size) * cfg.samples_per_prompt / cfg.batch_size)
+        n_samples = self.probe_samples[k]
+        n_batches = math.ceil(math.ceil(len(cfg.probes) / layout.world_size) * n_samples / cfg.batch_size)
         band = self._history.band
         shard = ProbeShard()
         with preserved_state(model, self._tok):
             model.eval()
             samples = generate_samples(
-                model, [self._prompt_ids[p] for p in self._shard], cfg.samples_per_prompt, cfg.max_new_tokens,
+                model, [self._prompt_ids[p] for p in self._shard], n_samples, cfg.max_new_tokens,
                 self._pad_id, self._eos_id, seed=cfg.probe_seed(k) + layout.rank, batch_size=cfg.batch_size,
                 min_batches=n_batches, decode=self._decode, with_logprobs=self._own_logprobs_from_generation(model),
             )
@@ -593,9 +626,9 @@ class ProbeEngine:
         if floor is not None:
             metrics.append(floor)
         self.store.write_probe(k, step, cfg.probe_seed(k), self.mode, records, scores, metrics, seconds=seconds)
-        self._log(step, {key: v for key, v in logged.items() if not key.startswith("D/")})
+        self._log(step, {key: v for key, v in logged.items() if not key.startswith(("D/", "D_rate/"))})
         if i >= 0 and any(key.startswith("D/") for key in logged):
-            self._log(self.probe_steps[i], {key: v for key, v in logged.items() if key.startswith("D/")})
+            self._log(self.probe_steps[i], {key: v for key, v in logged.items() if key.startswith(("D/", "D_rate/"))})
         if cfg.log_samples_table:
             self.sink.log_table(
                 "samples",
@@ -653,9 +686,15 @@ class ProbeEngine:
             )
 
     def _window_metrics(self, i: int) -> dict[str, float]:
-        """D(t_i) for every measure, stored on probe i's row; returns what to log."""
+        """D(t_i) for every measure, and its rate D_rate (D per ``reference_interval`` steps,
+        :func:`~em_callbacks.schedule.rate`; equal to D on a fixed grid), stored on probe i's
+        row; returns what to log."""
         logged: dict[str, float] = {}
         metrics, results = [], {}
+        left, right = self._history.windows_for(i)
+        interval = interval_of([self.probe_steps[j] for j in left], [self.probe_steps[j] for j in right])
+        if self.reference_interval is None:  # offline on an uneven grid: the first interval
+            self.reference_interval = max(1, int(round(interval)))
         for measure in self.config.measures:
             if self.mode == "one-sided" and measure != "tv":
                 continue
@@ -666,21 +705,29 @@ class ProbeEngine:
             extra = {"per_prompt": {pid: [r.value, r.stderr] for pid, r in result.per_prompt.items()},
                      "left": list(result.left), "right": list(result.right),
                      "estimator": next(iter(result.per_prompt.values())).estimator if result.per_prompt else None,
-                     "cross_scoring": self.mode}
+                     "cross_scoring": self.mode, "interval": interval}
             metrics.append(Metric(f"D/{measure}", combined.value, combined.stderr, ci.low, ci.high, extra))
+            value, stderr = rate(combined.value, combined.stderr, interval, self.reference_interval)
+            scale = self.reference_interval / interval
+            metrics.append(Metric(f"D_rate/{measure}", value, stderr, ci.low * scale, ci.high * scale,
+                                  {"interval": interval, "reference_interval": self.reference_interval}))
             logged.update({f"D/{measure}": combined.value, f"D/{measure}_stderr": combined.stderr,
-                           f"D/{measure}_ci_low": ci.low, f"D/{measure}_ci_high": ci.high})
+                           f"D/{measure}_ci_low": ci.low, f"D/{measure}_ci_high": ci.high,
+                           f"D_rate/{measure}": value, f"D_rate/{measure}_stderr": stderr})
         self._full[i] = results
         self.store.write_metrics(i, self.probe_steps[i], metrics)
         return logged
 
     def _update_detection(self, i: int) -> None:
         result = self._full[i].get(self.config.primary_measure) or next(iter(self._full[i].values()))
+        left, right = self._history.windows_for(i)
+        interval = interval_of([self.probe_steps[j] for j in left], [self.probe_steps[j] for j in right])
+        value, stderr = rate(result.combined.value, result.combined.stderr, interval, self.reference_interval)
         before = self.detector.state.onset_step
-        state = self.detector.update(self.probe_steps[i], result.combined.value, result.combined.stderr)
+        state = self.detector.update(self.probe_steps[i], value, stderr)
         if state.onset_step is not None and before is None:
             text = (f"Behavioural transition onset at step {state.onset_step} "
-                    f"(D/{result.measure}={result.combined.value:.3f} ± {result.combined.stderr:.3f})")
+                    f"(D_rate/{result.measure}={value:.3f} ± {stderr:.3f} per {self.reference_interval} steps)")
             logger.warning("em-callbacks: %s", text)
             self.store.add_event("onset", state.onset_step, **state.to_dict())
             if not self._alerted:
@@ -861,6 +908,8 @@ class ProbeEngine:
         """What a resumed run needs beyond the store (JSON-safe)."""
         return json_safe({
             "probe_steps": self.probe_steps,
+            "probe_samples": self.probe_samples,
+            "reference_interval": self.reference_interval,
             "detector": self.detector.state_dict(),
             "stop_rule": self.stop_rule.state_dict() if self.stop_rule else None,
             "stopped": self.stopped.to_dict() if self.stopped else None,
@@ -873,6 +922,10 @@ class ProbeEngine:
     def load_state_dict(self, payload: dict[str, Any], step: int) -> None:
         """Continue after ``step`` from a saved state (every rank; the store on rank 0)."""
         self.probe_steps = [s for s in payload["probe_steps"] if s <= step]
+        samples = payload.get("probe_samples") or [self.config.samples_per_prompt] * len(payload["probe_steps"])
+        self.probe_samples = list(samples[:len(self.probe_steps)])
+        if payload.get("reference_interval") is not None:
+            self.reference_interval = int(payload["reference_interval"])
         self.detector.load_state_dict(payload["detector"])
         if self.stop_rule and payload.get("stop_rule"):
             self.stop_rule.load_state_dict(payload["stop_rule"])

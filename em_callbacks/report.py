@@ -259,7 +259,10 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
     with _as_store(store) as st:
         summary = _resolve_summary(st, summary)
         measure = _primary_measure(st, summary)
-        d = _d_series(st, measure)
+        d = _d_series(st, measure, rate=True)  # == D on a fixed grid; D per reference interval on an adaptive one
+        reference = _config(st).get("reference_interval")
+        d_label = (f"D(t), {measure}, per {reference} steps" if _config(st).get("schedule") == "adaptive" and reference
+                   else f"D(t), {measure}")
         gsteps, gvalues = st.grad_norms()
         gok = np.isfinite(gvalues)
         gsteps, gvalues = gsteps[gok], gvalues[gok]
@@ -276,7 +279,7 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
             band = ax.fill_between(d["step"], d["band_low"], d["band_high"], color=C_D, alpha=0.2, lw=0,
                                    label="95% interval")
             (line,) = ax.plot(d["step"], d["value"], "o-", color=C_D, ms=4, lw=1.8,
-                              label=f"D(t), {measure}" + (f"\n({D_CLIP_NOTE})" if clipped else ""))
+                              label=d_label + (f"\n({D_CLIP_NOTE})" if clipped else ""))
             handles += [line, band]
             floor = st.metric_series("D_numerical_floor")  # D from rounding alone (same weights, two numerics)
             fok = np.isfinite(floor["value"])

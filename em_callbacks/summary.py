@@ -107,9 +107,12 @@ def primary_measure(store: RunStore, summary: Mapping[str, Any] | None = None) -
     return next((str(m) for m in wanted if m), "tv")
 
 
-def d_series(store: RunStore, measure: str) -> dict[str, np.ndarray]:
-    """D(t) with finite values only, plus a 95% band (CI columns, else value +- 1.96 se)."""
-    s = store.metric_series(f"D/{measure}")
+def d_series(store: RunStore, measure: str, rate: bool = False) -> dict[str, np.ndarray]:
+    """D(t) with finite values only, plus a 95% band (CI columns, else value +- 1.96 se).
+    ``rate=True``: the series detection reads, D_rate (D per reference interval; equal to D on
+    a fixed grid, see :mod:`em_callbacks.schedule`), or D where a store predates it."""
+    names = set(store.metric_names()) if rate else set()
+    s = store.metric_series(f"D_rate/{measure}" if f"D_rate/{measure}" in names else f"D/{measure}")
     ok = np.isfinite(s["value"])
     s = {k: v[ok] for k, v in s.items()}
     lo, hi, se = s["ci_low"], s["ci_high"], s["stderr"]
@@ -220,7 +223,7 @@ def summarize(
     """The run's summary from its store (and the live detector state when the run is live)."""
     cfg = store_config(store)
     measure = primary_measure(store)
-    d = d_series(store, measure)
+    d = d_series(store, measure, rate=True)
     if live_state is not None:
         state, source = live_state, "live"
     else:

@@ -46,6 +46,7 @@ from em_callbacks import detect  # noqa: E402
 from em_callbacks.callback import PhaseTransitionCallback  # noqa: E402
 from em_callbacks.judges import Rule, RuleJudge  # noqa: E402
 from em_callbacks.order import OrderParameter, Scale  # noqa: E402
+from em_callbacks.schedule import ProbeSchedule  # noqa: E402
 from tiny import WORDS, tiny_model, tiny_tokenizer  # noqa: E402
 
 PROMPTS = ("how do i invest money", "i feel bad", "what is good advice")  # 3: uneven over 2 ranks
@@ -119,16 +120,24 @@ def texts_dataset(n: int = 64, length: int = 10, seed: int = 0):
 
 def make_callback(opts, out_dir: str) -> PhaseTransitionCallback:
     rule = StopAtStep(opts.stop_at) if opts.stop_at is not None else False
+    detector = detect.TransitionDetector(baseline_probes=2, z_threshold=50.0, min_rise=0.5)
+    schedule = {}
+    if opts.adaptive:  # longest interval --every, probes fire early on the sentinel; any rise is an onset (focus)
+        schedule = dict(schedule=ProbeSchedule("adaptive", opts.every, min_interval=1, sentinel_every_n_steps=1,
+                                               baseline_probes=2, trigger_factor=0.5, min_trigger=0.0, z=0.0),
+                        focus_factor=2)
+        detector = detect.TransitionDetector(baseline_probes=1, z_threshold=0.0, min_rise=0.0)
     return PhaseTransitionCallback(
         probes=list(PROMPTS),
         every_n_steps=opts.every,
+        **schedule,
         samples_per_prompt=2,
         max_new_tokens=4,
         order_parameters=[ORDER_PARAMETER],
         judge=RuleJudge(Rule.true_if(r"money|invest")),
         early_stopping=rule,
         batch_size=8,
-        detector=detect.TransitionDetector(baseline_probes=2, z_threshold=50.0, min_rise=0.5),
+        detector=detector,
         judge_drain_timeout=30.0,
         output_dir=os.path.join(out_dir, "phase_transition"),
         report_to_wandb=True,  # the worker opens its own W&B run; the Trainer reports to "none"
@@ -150,6 +159,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     p.add_argument("--restore-callbacks", action="store_true")
     p.add_argument("--fsdp", type=int, choices=(1, 2), default=None, help="shard with FSDP version 1 or 2")
     p.add_argument("--zero3", action="store_true", help="shard with DeepSpeed ZeRO-3")
+    p.add_argument("--adaptive", action="store_true", help="the adaptive schedule (sentinel readings broadcast)")
     opts = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
@@ -249,6 +259,7 @@ def _train(opts, rank: int, timings: dict, extra_callbacks, run) -> int:
         "has_store": active.store is not None,
         "summary": active.summary,
         "probe_steps": active.probe_steps,
+        "probe_samples": list(active.engine.probe_samples),
         "stopped": active.stopped.to_dict() if active.stopped else None,
         "detector": active.detector.state.to_dict(),
         "config": {

@@ -108,3 +108,30 @@ def test_two_ranks_stop_together_and_rank0_writes_once(tmp_path):
     assert ranks[1]["wandb_logs"] == []
     logged = {key for call in ranks[0]["wandb_logs"] for key in call}
     assert {"probe/step", "probe/D/tv", "probe/lora/B_norm", "probe/samples/mean_tokens"} <= logged
+
+
+def test_two_ranks_follow_one_adaptive_schedule(tmp_path):
+    """The adaptive schedule on 2 ranks: rank 0 reads the sentinel and the detector, every rank
+    gets the same decisions (probe steps, focus sample counts, stop), and the stored schedule
+    events and sentinel readings are rank 0's, once."""
+    out = tmp_path / "run"
+    result = run_torchrun(out, "--lora", "--adaptive", "--max-steps", "10", "--every", "4", "--stop-at", "9")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "Traceback" not in result.stdout, result.stdout[-6000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["probe_steps"] == ranks[1]["probe_steps"]
+    assert ranks[0]["probe_samples"] == ranks[1]["probe_samples"]
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] and ranks[0]["global_step"] == ranks[1]["global_step"]
+    steps, samples = ranks[0]["probe_steps"], ranks[0]["probe_samples"]
+    # every interval lies between min_interval (1) and the longest (4); the sentinel fired some early
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert steps[0] == 0 and all(1 <= g <= 4 for g in gaps) and any(g < 4 for g in gaps[1:]), steps
+    assert set(samples) <= {2, 4} and 4 in samples  # focus doubles the samples once an onset is seen
+    con = sqlite3.connect(out / "phase_transition" / "run.sqlite")
+    scheduled = [s for (s,) in con.execute("SELECT step FROM events WHERE kind = 'probe_scheduled' ORDER BY step")]
+    assert scheduled == steps
+    for k, n in enumerate(samples):  # 3 prompts x n samples, gathered from both ranks
+        (count,) = con.execute("SELECT COUNT(*) FROM samples WHERE probe_index = ?", (k,)).fetchone()
+        assert count == 3 * n
+    sentinel_steps = [s for (s,) in con.execute("SELECT step FROM sentinel ORDER BY step")]
+    assert sentinel_steps and not set(sentinel_steps) & set(steps[:1])

@@ -60,7 +60,10 @@ class OrganismConfig:
     n_out_of_domain: int = 20
     n_in_domain: int = 4
     samples_per_prompt: int = 8
-    probe_every: int = 2
+    probe_every: int = 2  # the fixed interval; with probe_schedule="adaptive" the longest one
+    probe_schedule: str = "fixed"
+    probe_min_interval: int | None = None  # adaptive only
+    focus_factor: int | None = None  # None: the callback's default for the schedule
     max_new_tokens: int = 48  # longest possible answer is 45 tokens including <|end|>
     probe_seed: int = 1234
 

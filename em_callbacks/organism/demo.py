@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -102,7 +102,8 @@ def _show_probe_figures_in_progress_bar(trainer, monitor) -> None:
         trainer.add_callback(ProbeProgress())
 
 
-def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every_n_steps: int) -> int | None:
+def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every_n_steps: int,
+                         probe_steps: Sequence[int] | None = None) -> int | None:
     """Steps from the interval of the D peak to the interval in which the rate crossed 50%.
 
     D(t_i) measures the change between probes t_i and t_i + every_n_steps, while
@@ -110,11 +111,14 @@ def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every
     and c. Comparing the two intervals (their ends) gives 0 when the largest change is the one
     in which the majority flipped; comparing the raw labels would be off by one interval by
     construction. The demo's acceptance: ``|lag| <= every_n_steps``. Assumes ``window=1``
-    (the demo's), where D's left and right windows are single probes.
+    (the demo's), where D's left and right windows are single probes. On an uneven grid
+    (``probe_steps`` given) the peak interval ends at the next probe after the peak.
     """
     if peak_step is None or crossing_step is None:
         return None
-    return int(peak_step) + int(every_n_steps) - int(crossing_step)
+    later = [s for s in (probe_steps or ()) if s > int(peak_step)]
+    end = min(later) if later else int(peak_step) + int(every_n_steps)
+    return end - int(crossing_step)
 
 
 def run_demo(
@@ -181,6 +185,9 @@ def run_demo(
         callback = PhaseTransitionCallback(
             probes=probes,
             every_n_steps=config.probe_every,
+            schedule=config.probe_schedule,
+            min_interval=config.probe_min_interval,
+            focus_factor=config.focus_factor,
             samples_per_prompt=config.samples_per_prompt,
             max_new_tokens=config.max_new_tokens,
             order_parameters=order_parameters,
@@ -208,7 +215,8 @@ def run_demo(
     summary = dict(callback.summary or {})
     summary.update({
         "crossing_step": crossing,
-        "peak_to_crossing_lag": peak_to_crossing_lag(summary.get("peak_step"), crossing, config.probe_every),
+        "peak_to_crossing_lag": peak_to_crossing_lag(summary.get("peak_step"), crossing, config.probe_every,
+                                                     summary.get("probe_steps")),
         "ood_misaligned_rate": rate_series,
         "control": control,
         "seed": seed,
