@@ -65,6 +65,8 @@ from _common import (  # noqa: E402
 
 from transformers import TrainerCallback  # noqa: E402
 
+from em_callbacks.schedule import ProbeSchedule  # noqa: E402
+
 TARGET = 0.10
 MODEL_KWARGS: dict = {}  # --smoke: a 1-layer, 32-dim model to check the script itself in seconds
 
@@ -104,6 +106,7 @@ def instrument(timer: PhaseTimer) -> None:
         timer.wrap(cls, hook, f"hook:{hook}")
     timer.wrap(cls, "_probe", "probe")
     timer.wrap(engine, "sample_and_score", "sample_and_score")
+    timer.wrap(engine, "sentinel_scores", "sentinel")
     timer.wrap(engmod, "generate_samples", "generate")
     timer.wrap(engmod, "sequence_logprobs", "score")
     timer.wrap(WeightSnapshots, "capture", "snapshot_capture")
@@ -160,7 +163,9 @@ def run_once(mode: str, with_callback: bool, steps: int, probe_every: int, workd
         callbacks: list = [clock]
         cb = None
         if with_callback:
-            cb = build_callback(workdir / "pt", every_n_steps=probe_every, max_new_tokens=max_new_tokens)
+            # the drift sentinel on every step between probes: its cost per reading, for the adaptive projection
+            cb = build_callback(workdir / "pt", every_n_steps=probe_every, max_new_tokens=max_new_tokens,
+                                sentinel_every_n_steps=1)
             callbacks.append(cb)
         trainer = build_trainer(model, tokenizer, dataset, workdir / "trainer", steps=steps, callbacks=callbacks,
                                 seed=seed)
@@ -180,6 +185,8 @@ def run_once(mode: str, with_callback: bool, steps: int, probe_every: int, workd
         "mode": mode, "with": with_callback, "wall": wall, "cpu": cpu, "steps": list(clock.steps),
         "steps_cpu": list(clock.steps_cpu), "hooks": hook_seconds(timer), "hooks_cpu": hook_seconds(timer, cpu=True),
         "probes": list(timer.durations.get("probe", [])), "probes_cpu": list(timer.cpu_durations.get("probe", [])),
+        "sentinels": list(timer.durations.get("sentinel", [])),
+        "sentinels_cpu": list(timer.cpu_durations.get("sentinel", [])),
         "store_seconds": store_seconds, "timer_seconds": dict(timer.seconds), "timer_calls": dict(timer.calls),
         "params": param_counts(model),
     }
@@ -210,12 +217,15 @@ def accounting(args, tokenizer, timer: PhaseTimer, log) -> dict[str, dict]:
                 key = f"{mode}/{'B' if with_cb else 'A'}"
                 agg = results.setdefault(key, {"wall": [], "cpu": [], "steps": [], "steps_cpu": [], "hooks": [],
                                                "hooks_cpu": [], "probes": [], "probes_cpu": [], "first": [],
+                                               "sentinels": [], "sentinels_cpu": [],
                                                "first_cpu": [], "store_seconds": [], "timer": PhaseTimer(),
                                                "params": res["params"]})
                 for k in ("wall", "cpu", "hooks", "hooks_cpu"):
                     agg[k].append(res[k])
                 agg["steps"] += res["steps"]
                 agg["steps_cpu"] += res["steps_cpu"]
+                agg["sentinels"] += res["sentinels"]
+                agg["sentinels_cpu"] += res["sentinels_cpu"]
                 if res["probes"]:
                     agg["first"].append(res["probes"][0])
                     agg["first_cpu"].append(res["probes_cpu"][0])
@@ -268,6 +278,17 @@ def report_accounting(results: dict[str, dict], args, log) -> dict[str, float]:
             log(f"    overhead, probe every {args.interval} steps: steady state {steady:.1%} "
                 f"(A's step time as denominator: {probe / (args.interval * step_a):.1%}); "
                 f"a {n * args.interval}-step run ({n + 1} probes): {run_n:.1%}")
+            if b["sentinels" + sfx]:
+                sentinel = median(b["sentinels" + sfx])
+                quiet = ProbeSchedule("adaptive", args.interval)
+                readings = args.interval // quiet.sentinel_every_n_steps - 1
+                adaptive = (probe + readings * sentinel) / (args.interval * step_b)
+                log(f"    drift sentinel reading:                 {spread(b['sentinels' + sfx])} s = "
+                    f"{sentinel / step_b:.2f} training steps")
+                log(f"    adaptive schedule (longest interval {args.interval}), quiet stretch: one probe + "
+                    f"{readings} sentinel readings (every {quiet.sentinel_every_n_steps} steps) per interval: "
+                    f"{adaptive:.1%}")
+                figures[clock] += (adaptive,)
         if b["store_seconds"]:
             log(f"  store probes.seconds (sample+score, wall):  {spread(b['store_seconds'])} s")
         log(f"  end-of-training drain + summary (wall):     {finish:.2f} s")

@@ -65,7 +65,14 @@ class PhaseTransitionArguments:
     probes: list[str] = _opt(
         help="Built-in probe sets (em-first-plot, knowledge, politics, ethics) and/or .jsonl/.yaml probe "
              "files, combined in order.", factory=lambda: ["em-first-plot"])
-    every_n_steps: int = _opt(25, "Probe at step 0 and every N optimizer steps.")
+    every_n_steps: int = _opt(25, "Probe at step 0 and every N optimizer steps (adaptive: the longest interval).")
+    schedule: Literal["fixed", "adaptive"] = _opt(
+        "fixed", "fixed: a probe every --every_n_steps. adaptive: a dense baseline, then the longest interval while "
+                 "the drift sentinel says the model is quiet, earlier once it moved as far as a transition moves it.")
+    min_interval: Optional[int] = _opt(None, "Adaptive: the shortest interval and the baseline's spacing "
+                                             "(default every_n_steps // 4).")
+    focus_factor: Optional[int] = _opt(None, "While a transition is under way, probes draw this many times "
+                                             "--samples_per_prompt (default 4 adaptive, 1 fixed).")
     samples_per_prompt: int = _opt(16, "Answers sampled per probe prompt at each probe (>= 2).")
     max_new_tokens: int = _opt(128, "Maximum length of a sampled probe answer.")
     probe_batch_size: int = _opt(64, "Sequences per generate/scoring batch while probing.")
@@ -85,7 +92,8 @@ class PhaseTransitionArguments:
     log_samples_table: bool = _opt(True, "Log every sampled answer as a W&B table.")
     sentinel_every_n_steps: Optional[int] = _opt(None, "Between probes, every this many steps: score the last probe's "
                                                  "samples under the current weights and log how far the model "
-                                                 "moved (sentinel/tv). Off when unset.")
+                                                 "moved (sentinel/tv). Fixed schedule: off when unset; adaptive: "
+                                                 "min_interval // 2 when unset.")
     sentinel_samples_per_prompt: int = _opt(4, "Samples per prompt the drift sentinel scores.")
     own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
                              "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")

@@ -881,7 +881,9 @@ def _report_markdown(
         ("Primary measure", summary.get("primary_measure")),
         ("Numerical noise floor of D", facts.get("numerical_floor")),
         ("Judge", facts.get("judge")),
-        ("Probe every n steps", summary.get("every_n_steps")),
+        ("Probe every n steps", summary.get("every_n_steps")) if summary.get("schedule") != "adaptive" else
+        ("Probe schedule", f"adaptive: longest interval {summary.get('every_n_steps')} steps; onset and peak read "
+                           f"D per {summary.get('reference_interval')} steps"),
         ("Probes", len(summary.get("probe_steps") or [])),
     ]
     if "crossing_step" in summary:

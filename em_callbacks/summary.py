@@ -66,6 +66,8 @@ class RunSummary:
     grad_norm_points: int = 0
     rebuilt_from_store: bool = False
     offline: dict[str, Any] | None = None
+    schedule: str = "fixed"  # "adaptive": uneven probe steps; onset/peak read D_rate (D per reference_interval)
+    reference_interval: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -275,6 +277,8 @@ def summarize(
         detection_source=source,
         grad_norm_points=int(finite_g.size),
         rebuilt_from_store=live_state is None,
+        schedule=str(cfg.get("schedule") or "fixed"),
+        reference_interval=_opt_int(cfg.get("reference_interval")),
     )
     if offline:
         summary.offline = _offline_change_points(store, measure, detected)

@@ -273,12 +273,14 @@ def verdict(summary: dict[str, Any]) -> str:
                 text += f" (onset - grad-norm peak = {int(glag):+d} steps)"
         lines.append(text + ".")
         lag, every = _step(summary.get("peak_to_crossing_lag")), summary.get("every_n_steps")
-        if lag is not None and peak and every:
+        later = [int(s) for s in summary.get("probe_steps") or () if peak and int(s) > int(peak)]
+        end = min(later) if later else (int(peak) + int(every) if peak and every else None)
+        if lag is not None and peak and end is not None:
             lag = int(lag)
             when = ("the interval in which the misaligned rate crossed 50%" if lag == 0 else
                     f"{abs(lag)} steps {'after' if lag > 0 else 'before'} the interval in which the misaligned "
                     "rate crossed 50%")
-            lines.append(f"Largest behavioural change: steps {peak}->{int(peak) + int(every)}, {when}.")
+            lines.append(f"Largest behavioural change: steps {peak}->{end}, {when}.")
     elif summary.get("transition_detected") is None and "transition_detected" in summary:
         note = summary.get("detection_note")
         lines.append("Too few probes to tell whether a transition happened" + (f": {note}." if note else "."))
