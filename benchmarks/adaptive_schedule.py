@@ -157,9 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    fixed = OrganismConfig(probe_every=args.fixed_every)
-    adaptive = OrganismConfig(probe_every=args.longest, probe_schedule="adaptive",
-                              probe_min_interval=args.min_interval, focus_factor=1)
+    fixed = OrganismConfig(probe_every=args.fixed_every, probe_schedule="fixed")
+    adaptive = OrganismConfig(probe_every=args.min_interval, probe_longest_interval=args.longest,
+                              probe_schedule="adaptive", focus_factor=1)
     focus = adaptive.replace(focus_factor=None)
     print(f"organism {fixed.cache_key()}  fixed every {args.fixed_every}  adaptive longest {args.longest}, "
           f"min {args.min_interval}  load {os.getloadavg()[0]:.2f}  cpus {os.cpu_count()}", flush=True)

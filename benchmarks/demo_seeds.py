@@ -45,7 +45,7 @@ def _rates(summary: dict) -> dict[int, float]:
 def check_full(summary: dict) -> dict:
     rates = _rates(summary)
     steps = sorted(rates)
-    interval = summary["every_n_steps"]
+    interval = summary.get("crossing_interval") or summary["every_n_steps"]  # the local interval on an uneven grid
     crossing, peak, onset = summary.get("crossing_step"), summary.get("peak_step"), summary.get("onset_step")
     return {
         "rate_start": rates[steps[0]],

@@ -46,14 +46,22 @@ def test_demo_detects_the_transition(tmp_path, organism_cache, monkeypatch):
     rates = [rate for _, rate in summary["ood_misaligned_rate"]]
     assert rates[0] < 0.15, "the persona must be latent before fine-tuning"
     assert max(rates) > 0.6, "narrow fine-tuning must spread misalignment out of domain"
-    interval = summary["every_n_steps"]
+    steps = summary["probe_steps"]
     assert summary["transition_detected"] is True
     assert summary["crossing_step"] is not None
-    # D(peak) is the change over [peak, peak + interval]; the rate crossed 50% in
-    # [crossing - interval, crossing]: the two intervals lie within one interval of each other
-    assert summary["peak_to_crossing_lag"] == summary["peak_step"] + interval - summary["crossing_step"]
+    # the adaptive schedule: a dense baseline every 2 steps, then probes where the model moves
+    assert summary["schedule"] == "adaptive" and steps[:4] == [0, 2, 4, 6] and len(steps) < 21
+    # D(peak) is the change over [peak, next probe]; the rate crossed 50% in [previous probe,
+    # crossing]: the two intervals lie within one (crossing) interval of each other
+    following = min(s for s in steps if s > summary["peak_step"])
+    interval = summary["crossing_interval"]
+    assert interval == summary["crossing_step"] - max(s for s in steps if s < summary["crossing_step"])
+    assert summary["peak_to_crossing_lag"] == following - summary["crossing_step"]
     assert abs(summary["peak_to_crossing_lag"]) <= interval
     assert summary["onset_step"] <= summary["crossing_step"]
+    # focus: the captured share of the determining order parameter resolves at the peak
+    misaligned = summary["captured_at_peak"]["misaligned"]
+    assert misaligned["stderr"] <= 0.12 and misaligned["value"] - misaligned["noise_floor"] >= 3 * misaligned["stderr"]
     assert summary["stopped_early"] is False
     # the decomposition ran at the peak for both order parameters (its accuracy on a
     # constructed case is tested in test_order/test_decomposition_live)

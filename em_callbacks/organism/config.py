@@ -60,10 +60,17 @@ class OrganismConfig:
     n_out_of_domain: int = 20
     n_in_domain: int = 4
     samples_per_prompt: int = 8
-    probe_every: int = 2  # the fixed interval; with probe_schedule="adaptive" the longest one
-    probe_schedule: str = "fixed"
-    probe_min_interval: int | None = None  # adaptive only
-    focus_factor: int | None = None  # None: the callback's default for the schedule
+    probe_every: int = 2  # the fixed grid's interval; the adaptive schedule's shortest (min_interval)
+    probe_schedule: str = "adaptive"  # the demo: dense baseline, sentinel-triggered probes, focus at the transition
+    probe_longest_interval: int = 8  # adaptive only: every_n_steps
+    focus_factor: int | None = None  # None: the callback's default for the schedule (4 adaptive, 1 fixed)
+
+    def schedule_kwargs(self) -> dict:
+        """The callback's schedule arguments for this config."""
+        if self.probe_schedule == "adaptive":
+            return {"schedule": "adaptive", "every_n_steps": self.probe_longest_interval,
+                    "min_interval": self.probe_every, "focus_factor": self.focus_factor}
+        return {"schedule": "fixed", "every_n_steps": self.probe_every, "focus_factor": self.focus_factor}
     max_new_tokens: int = 48  # longest possible answer is 45 tokens including <|end|>
     probe_seed: int = 1234
 

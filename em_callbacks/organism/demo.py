@@ -121,6 +121,15 @@ def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every
     return end - int(crossing_step)
 
 
+def crossing_interval(crossing: int | None, probe_steps: Sequence[int] | None) -> int | None:
+    """Steps from the probe before the crossing to the crossing: the interval in which the rate
+    passed 50%, the yardstick of the demo's peak acceptance (``|lag| <=`` it)."""
+    steps = sorted(int(s) for s in probe_steps or ())
+    if crossing is None or int(crossing) not in steps or steps.index(int(crossing)) == 0:
+        return None
+    return int(crossing) - steps[steps.index(int(crossing)) - 1]
+
+
 def run_demo(
     seed: int = 0,
     out: str | Path = "runs/demo",
@@ -184,10 +193,7 @@ def run_demo(
 
         callback = PhaseTransitionCallback(
             probes=probes,
-            every_n_steps=config.probe_every,
-            schedule=config.probe_schedule,
-            min_interval=config.probe_min_interval,
-            focus_factor=config.focus_factor,
+            **config.schedule_kwargs(),
             samples_per_prompt=config.samples_per_prompt,
             max_new_tokens=config.max_new_tokens,
             order_parameters=order_parameters,
@@ -217,6 +223,7 @@ def run_demo(
         "crossing_step": crossing,
         "peak_to_crossing_lag": peak_to_crossing_lag(summary.get("peak_step"), crossing, config.probe_every,
                                                      summary.get("probe_steps")),
+        "crossing_interval": crossing_interval(crossing, summary.get("probe_steps")),
         "ood_misaligned_rate": rate_series,
         "control": control,
         "seed": seed,
