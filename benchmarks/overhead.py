@@ -289,6 +289,12 @@ def report_accounting(results: dict[str, dict], args, log) -> dict[str, float]:
                     f"{readings} sentinel readings (every {quiet.sentinel_every_n_steps} steps) per interval: "
                     f"{adaptive:.1%}")
                 figures[clock] += (adaptive,)
+                longer = ProbeSchedule("adaptive", 4 * args.interval, min_interval=args.interval)
+                readings = longer.every_n_steps // longer.sentinel_every_n_steps - 1
+                log(f"    adaptive schedule, longest interval {longer.every_n_steps} (min_interval {args.interval}: the "
+                    f"fixed grid's resolution at the baseline and in a transition), quiet stretch: one probe + "
+                    f"{readings} sentinel readings per interval: "
+                    f"{(probe + readings * sentinel) / (longer.every_n_steps * step_b):.1%}")
         if b["store_seconds"]:
             log(f"  store probes.seconds (sample+score, wall):  {spread(b['store_seconds'])} s")
         log(f"  end-of-training drain + summary (wall):     {finish:.2f} s")

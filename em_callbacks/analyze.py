@@ -310,9 +310,10 @@ def analyze_checkpoints(
     out_dir = Path(out_dir)
     engine = ProbeEngine(config)
     sink, wandb_run = _open_wandb(wandb_mode, out_dir, config)
-    engine.begin(
-        tok, out_dir, mode="snapshot", sink=sink, planned_probes=n_probes,
-        run_config={"every_n_steps": gaps.pop() if len(gaps) == 1 else None, "driver": "analyze",
+    engine.begin(  # uneven checkpoint steps: detection reads D per the smallest gap (D_rate)
+        tok, out_dir, mode="snapshot", sink=sink, planned_probes=n_probes, reference_interval=min(gaps, default=None),
+        run_config={"every_n_steps": next(iter(gaps)) if len(gaps) == 1 else None, "driver": "analyze",
+                    "schedule": "fixed" if len(gaps) <= 1 else "uneven",
                     "checkpoints": [str(c.path) for c in good], "checkpoint_kind": kind,
                     "base_model": str(base) if base is not None else None},
     )

@@ -261,8 +261,8 @@ def plot_overview(store: RunStore | str | Path, path: str | Path, summary: Mappi
         measure = _primary_measure(st, summary)
         d = _d_series(st, measure, rate=True)  # == D on a fixed grid; D per reference interval on an adaptive one
         reference = _config(st).get("reference_interval")
-        d_label = (f"D(t), {measure}, per {reference} steps" if _config(st).get("schedule") == "adaptive" and reference
-                   else f"D(t), {measure}")
+        uneven = _config(st).get("schedule") in ("adaptive", "uneven")
+        d_label = f"D(t), {measure}, per {reference} steps" if uneven and reference else f"D(t), {measure}"
         gsteps, gvalues = st.grad_norms()
         gok = np.isfinite(gvalues)
         gsteps, gvalues = gsteps[gok], gvalues[gok]
@@ -881,9 +881,9 @@ def _report_markdown(
         ("Primary measure", summary.get("primary_measure")),
         ("Numerical noise floor of D", facts.get("numerical_floor")),
         ("Judge", facts.get("judge")),
-        ("Probe every n steps", summary.get("every_n_steps")) if summary.get("schedule") != "adaptive" else
-        ("Probe schedule", f"adaptive: longest interval {summary.get('every_n_steps')} steps; onset and peak read "
-                           f"D per {summary.get('reference_interval')} steps"),
+        ("Probe every n steps", summary.get("every_n_steps")) if summary.get("schedule") in (None, "fixed") else
+        ("Probe schedule", f"{summary.get('schedule')} (longest interval {summary.get('every_n_steps') or '-'} steps); "
+                           f"onset and peak read D per {summary.get('reference_interval')} steps"),
         ("Probes", len(summary.get("probe_steps") or [])),
     ]
     if "crossing_step" in summary:

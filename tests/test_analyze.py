@@ -155,5 +155,11 @@ def test_skip_bad_keeps_going_and_records_it(live_lora_run, tmp_path):
     summary = analyze_checkpoints(copy, tmp_path / "offline", skip_bad=True, progress=False, report=False,
                                   **_probe_options(world))
     assert summary.probe_steps == [0, 2, 6, 8]
-    events = RunStore(tmp_path / "offline", readonly=True).events("checkpoint_skipped")
+    store = RunStore(tmp_path / "offline", readonly=True)
+    events = store.events("checkpoint_skipped")
     assert [e["step"] for e in events] == [4] and "partial" in events[0]["payload"]["problem"]
+    # an uneven grid: detection reads D per the smallest gap (2 steps); [2, 6] counts half
+    d, rate = store.metric_series("D/tv"), store.metric_series("D_rate/tv")
+    assert d["step"].tolist() == rate["step"].tolist() == [0, 2, 6]
+    np.testing.assert_allclose(rate["value"], d["value"] * np.array([1.0, 0.5, 1.0]), rtol=1e-12)
+    assert summary.schedule == "uneven" and summary.reference_interval == 2
