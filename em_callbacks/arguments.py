@@ -93,7 +93,7 @@ class PhaseTransitionArguments:
     sentinel_every_n_steps: Optional[int] = _opt(None, "Between probes, every this many steps: score the last probe's "
                                                  "samples under the current weights and log how far the model "
                                                  "moved (sentinel/tv). Fixed schedule: off when unset; adaptive: "
-                                                 "min_interval // 2 when unset.")
+                                                 "min_interval when unset.")
     sentinel_samples_per_prompt: int = _opt(4, "Samples per prompt the drift sentinel scores.")
     own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
                              "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")

@@ -78,7 +78,7 @@ class PhaseTransitionCallback(TrainerCallback):
             samples (``sentinel_samples_per_prompt`` per prompt) under the current weights and
             log how far the model moved since (``sentinel/tv``): one scoring pass, no
             generation. Off by default with the fixed schedule; the adaptive one steers by it
-            (default ``min_interval // 2``).
+            (default ``min_interval``).
         scoring_dtype: "float32" (default) computes the teacher-forced log-probs D is made of in
             float32 whatever the model's dtype (an exact upcast at each operation, no copy of the
             model; samples are still drawn by the model as it is): a bf16 model's rounding would

@@ -59,7 +59,7 @@ class ProbeSchedule:
     kind: str = "fixed"
     every_n_steps: int = 25
     min_interval: int | None = None  # adaptive: default max(1, every_n_steps // 4)
-    sentinel_every_n_steps: int | None = None  # adaptive: default max(1, min_interval // 2)
+    sentinel_every_n_steps: int | None = None  # adaptive: default min_interval
     baseline_probes: int = 4  # probes at min_interval spacing at the start: enough for the detector's baseline
     trigger_factor: float = 2.0
     min_trigger: float = 0.01
@@ -76,7 +76,7 @@ class ProbeSchedule:
         if not 1 <= self.min_interval <= self.every_n_steps:
             raise ValueError(f"min_interval must lie in [1, every_n_steps={self.every_n_steps}], got {self.min_interval}")
         if self.sentinel_every_n_steps is None:
-            object.__setattr__(self, "sentinel_every_n_steps", max(1, self.min_interval // 2))
+            object.__setattr__(self, "sentinel_every_n_steps", self.min_interval)
         if not (self.trigger_factor > 0 and self.min_trigger >= 0 and self.z >= 0):
             raise ValueError("trigger_factor must be > 0, min_trigger and z >= 0")
 

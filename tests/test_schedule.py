@@ -54,7 +54,7 @@ def test_adaptive_schedule_decisions():
 
 def test_adaptive_defaults_and_validation():
     s = ProbeSchedule("adaptive", 25)
-    assert (s.min_interval, s.sentinel_every_n_steps) == (6, 3)
+    assert (s.min_interval, s.sentinel_every_n_steps) == (6, 6)
     assert ProbeSchedule("adaptive", 2).min_interval == 1 and ProbeSchedule("adaptive", 2).sentinel_every_n_steps == 1
     with pytest.raises(ValueError, match="min_interval"):
         ProbeSchedule("adaptive", 4, min_interval=5)
@@ -69,7 +69,7 @@ def test_adaptive_defaults_and_validation():
     with pytest.raises(CallbackConfigError, match="needs window=1"):
         PhaseTransitionCallback(probes=PROBES, focus_factor=2, window=2)
     cb = PhaseTransitionCallback(probes=PROBES, schedule="adaptive", every_n_steps=8)
-    assert cb.focus_factor == 4 and cb.sentinel_every_n_steps == 1 and cb.schedule.min_interval == 2
+    assert cb.focus_factor == 4 and cb.sentinel_every_n_steps == 2 and cb.schedule.min_interval == 2
     assert PhaseTransitionCallback(probes=PROBES).focus_factor == 1
     assert PhaseTransitionCallback(probes=PROBES, schedule="adaptive", window=2, cross_scoring="snapshot").focus_factor == 1
 
