@@ -114,10 +114,7 @@ def run(seed: int, out: Path, config: OrganismConfig, **kwargs) -> dict:
         store.close()
     steps = summary["probe_steps"]
     crossing, peak = summary.get("crossing_step"), summary.get("peak_step")
-    crossing_interval = None
-    if crossing is not None and crossing in steps and steps.index(crossing) > 0:
-        crossing_interval = crossing - steps[steps.index(crossing) - 1]
-    lag = summary.get("peak_to_crossing_lag")
+    crossing_interval, lag = summary.get("crossing_interval"), summary.get("peak_to_crossing_lag")
     return {
         "probes": len(steps), "probe_steps": steps, "sentinels": sentinels,
         "onset": summary.get("onset_step"), "detected_at": detected_at, "peak": peak, "crossing": crossing,

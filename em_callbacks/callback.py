@@ -21,7 +21,7 @@ from . import detect
 from .divergence import MEASURES
 from .distributed import Distributed
 from .engine import CROSS_SCORING_MODES, ConfigError, EngineConfig, ProbeEngine, StopDecision, check_int
-from .schedule import SCHEDULES, ProbeSchedule
+from .schedule import ProbeSchedule
 from .probes import ProbeSet
 from .sampling import SamplerConfigError, WeightSnapshots, prepare_tokenizer
 from .store import RunStore
@@ -125,24 +125,8 @@ class PhaseTransitionCallback(TrainerCallback):
         for name, value in (("min_interval", min_interval), ("sentinel_every_n_steps", sentinel_every_n_steps)):
             if value is not None:
                 check_int(name, value, minimum=1)
-        if isinstance(schedule, ProbeSchedule):  # every knob set by the caller; it also sets the interval
-            if min_interval is not None or sentinel_every_n_steps is not None:
-                raise CallbackConfigError("pass min_interval / sentinel_every_n_steps inside the ProbeSchedule")
-            every_n_steps = schedule.every_n_steps
-        elif schedule not in SCHEDULES:
-            raise CallbackConfigError(f"schedule must be one of {SCHEDULES} or a ProbeSchedule, got {schedule!r}")
-        elif min_interval is not None and schedule != "adaptive":
-            raise CallbackConfigError("min_interval applies to schedule='adaptive' only")
-        else:
-            try:
-                schedule = ProbeSchedule(
-                    schedule, every_n_steps, min_interval=min_interval, sentinel_every_n_steps=sentinel_every_n_steps,
-                    baseline_probes=2 * window - 1 + (detector or detect.TransitionDetector()).baseline_probes)
-            except ValueError as exc:
-                raise CallbackConfigError(str(exc)) from None
-        self.schedule = schedule
         if focus_factor is None:
-            focus_factor = 4 if schedule.adaptive and window == 1 else 1
+            focus_factor = 4 if getattr(schedule, "kind", schedule) == "adaptive" and window == 1 else 1
         if cross_scoring not in CROSS_SCORING_MODES:
             raise CallbackConfigError(f"cross_scoring must be one of {CROSS_SCORING_MODES}, got {cross_scoring!r}")
         if cross_scoring == "one-sided" and window != 1:
@@ -161,7 +145,13 @@ class PhaseTransitionCallback(TrainerCallback):
             sentinel_samples_per_prompt=sentinel_samples_per_prompt, scoring_dtype=scoring_dtype,
             focus_factor=focus_factor,
         )
-        self.every_n_steps = every_n_steps
+        try:
+            self.schedule = ProbeSchedule.resolve(
+                schedule, every_n_steps, min_interval=min_interval, sentinel_every_n_steps=sentinel_every_n_steps,
+                baseline_probes=self.config.baseline_probe_count())
+        except ValueError as exc:
+            raise CallbackConfigError(str(exc)) from None
+        self.every_n_steps = self.schedule.every_n_steps
         self.sentinel_every_n_steps = self.schedule.sentinel_every_n_steps
         self.cross_scoring = cross_scoring
         self.snapshot_full_model = snapshot_full_model
@@ -284,7 +274,7 @@ class PhaseTransitionCallback(TrainerCallback):
         if decision.action == "probe":
             self._probe(model, step, control, decision.reason)
 
-    def _probe(self, model: torch.nn.Module, step: int, control: Any, reason: str = "") -> None:
+    def _probe(self, model: torch.nn.Module, step: int, control: Any, reason: str) -> None:
         t0 = time.perf_counter()
         k = self.engine.begin_probe(step, focus=self._plan[0])
         adapter = self.engine.adapter_signal(model, step) if self._dist.is_main else {}
@@ -293,7 +283,7 @@ class PhaseTransitionCallback(TrainerCallback):
         if self._dist.is_main:
             decision = self.engine.record(k, step, shards, time.perf_counter() - t0, extra_metrics=adapter)
             plan = (self.engine.focus_active(), self.engine.onset_level())
-            if self.schedule.adaptive and reason:
+            if self.schedule.adaptive:
                 self.engine.safe("schedule event", lambda: self.engine.store.add_event(
                     "probe_scheduled", step, reason=reason, samples_per_prompt=self.engine.probe_samples[k]))
         decision, self._plan = self._dist.broadcast((decision, plan))

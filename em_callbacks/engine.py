@@ -224,11 +224,15 @@ class EngineConfig:
         """The sampling seed of probe ``probe_index`` (same in every run and every driver)."""
         return int(np.random.SeedSequence([self.seed, probe_index]).generate_state(1)[0])
 
+    def baseline_probe_count(self) -> int:
+        """Probes until the detector's baseline is complete: D needs ``2w`` probes for its
+        first value, then ``baseline_probes`` values form the baseline."""
+        return 2 * self.window - 1 + self.detector.baseline_probes
+
     def min_probes_for_detection(self) -> int:
-        """Probes a run needs before the detector can declare an onset: D needs ``2w`` probes
-        for its first value, then ``baseline_probes`` values form the baseline and
-        ``consecutive`` more must exceed it."""
-        return 2 * self.window - 1 + self.detector.baseline_probes + self.detector.consecutive
+        """Probes a run needs before the detector can declare an onset: the baseline's, then
+        ``consecutive`` more D values must exceed it."""
+        return self.baseline_probe_count() + self.detector.consecutive
 
     def to_dict(self, **extra: Any) -> dict[str, Any]:
         judge_config = None
@@ -691,8 +695,7 @@ class ProbeEngine:
         row; returns what to log."""
         logged: dict[str, float] = {}
         metrics, results = [], {}
-        left, right = self._history.windows_for(i)
-        interval = interval_of([self.probe_steps[j] for j in left], [self.probe_steps[j] for j in right])
+        interval = self._interval(i)
         if self.reference_interval is None:  # offline on an uneven grid: the first interval
             self.reference_interval = max(1, int(round(interval)))
         for measure in self.config.measures:
@@ -718,11 +721,14 @@ class ProbeEngine:
         self.store.write_metrics(i, self.probe_steps[i], metrics)
         return logged
 
+    def _interval(self, i: int) -> float:
+        """Steps D(t_i) spans, centre to centre of its windows (:func:`~em_callbacks.schedule.interval_of`)."""
+        left, right = self._history.windows_for(i)
+        return interval_of([self.probe_steps[j] for j in left], [self.probe_steps[j] for j in right])
+
     def _update_detection(self, i: int) -> None:
         result = self._full[i].get(self.config.primary_measure) or next(iter(self._full[i].values()))
-        left, right = self._history.windows_for(i)
-        interval = interval_of([self.probe_steps[j] for j in left], [self.probe_steps[j] for j in right])
-        value, stderr = rate(result.combined.value, result.combined.stderr, interval, self.reference_interval)
+        value, stderr = rate(result.combined.value, result.combined.stderr, self._interval(i), self.reference_interval)
         before = self.detector.state.onset_step
         state = self.detector.update(self.probe_steps[i], value, stderr)
         if state.onset_step is not None and before is None:

@@ -80,6 +80,22 @@ class ProbeSchedule:
         if not (self.trigger_factor > 0 and self.min_trigger >= 0 and self.z >= 0):
             raise ValueError("trigger_factor must be > 0, min_trigger and z >= 0")
 
+    @classmethod
+    def resolve(cls, schedule: "str | ProbeSchedule", every_n_steps: int, *, min_interval: int | None = None,
+                sentinel_every_n_steps: int | None = None, baseline_probes: int = 4) -> "ProbeSchedule":
+        """The schedule the callback's arguments describe: a ``ProbeSchedule`` as it is (it sets
+        every knob, the interval included), or a kind name built with the separate arguments."""
+        if isinstance(schedule, cls):
+            if min_interval is not None or sentinel_every_n_steps is not None:
+                raise ValueError("pass min_interval / sentinel_every_n_steps inside the ProbeSchedule")
+            return schedule
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or a ProbeSchedule, got {schedule!r}")
+        if min_interval is not None and schedule != "adaptive":
+            raise ValueError("min_interval applies to schedule='adaptive' only")
+        return cls(schedule, every_n_steps, min_interval=min_interval, sentinel_every_n_steps=sentinel_every_n_steps,
+                   baseline_probes=baseline_probes)
+
     @property
     def adaptive(self) -> bool:
         return self.kind == "adaptive"

@@ -116,9 +116,18 @@ def peak_to_crossing_lag(peak_step: int | None, crossing_step: int | None, every
     """
     if peak_step is None or crossing_step is None:
         return None
-    later = [s for s in (probe_steps or ()) if s > int(peak_step)]
-    end = min(later) if later else int(peak_step) + int(every_n_steps)
-    return end - int(crossing_step)
+    end = peak_interval_end(peak_step, every_n_steps, probe_steps)
+    return None if end is None else end - int(crossing_step)
+
+
+def peak_interval_end(peak_step: int, every_n_steps: int | None,
+                      probe_steps: Sequence[int] | None = None) -> int | None:
+    """Where D's interval that starts at the peak ends: the next probe (window 1), else
+    ``peak_step + every_n_steps``; None when neither is known."""
+    later = [int(s) for s in (probe_steps or ()) if int(s) > int(peak_step)]
+    if later:
+        return min(later)
+    return int(peak_step) + int(every_n_steps) if every_n_steps else None
 
 
 def crossing_interval(crossing: int | None, probe_steps: Sequence[int] | None) -> int | None:
@@ -280,8 +289,7 @@ def verdict(summary: dict[str, Any]) -> str:
                 text += f" (onset - grad-norm peak = {int(glag):+d} steps)"
         lines.append(text + ".")
         lag, every = _step(summary.get("peak_to_crossing_lag")), summary.get("every_n_steps")
-        later = [int(s) for s in summary.get("probe_steps") or () if peak and int(s) > int(peak)]
-        end = min(later) if later else (int(peak) + int(every) if peak and every else None)
+        end = peak_interval_end(int(peak), every, summary.get("probe_steps")) if peak else None
         if lag is not None and peak and end is not None:
             lag = int(lag)
             when = ("the interval in which the misaligned rate crossed 50%" if lag == 0 else
