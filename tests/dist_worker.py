@@ -177,6 +177,8 @@ def main(argv=None, extra_callbacks=()) -> int:
         em_logger.removeHandler(handler)
         em_logger.setLevel(level)
         handler.close()
+        if torch.distributed.is_initialized():  # an orderly gloo teardown: left to interpreter exit, a
+            torch.distributed.destroy_process_group()  # rank sometimes aborts ("terminate called ...")
 
 
 def _run(opts, rank: int, timings: dict, extra_callbacks) -> int:
