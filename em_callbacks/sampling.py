@@ -27,6 +27,7 @@ __all__ = [
     "prepare_tokenizer",
     "encode_prompts",
     "generate_samples",
+    "InverseCdfSampler",
     "sequence_logprobs",
     "WeightSnapshots",
 ]
@@ -164,6 +165,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 
 
 def _unwarped_generation_config(model: torch.nn.Module, max_new_tokens: int, pad_id: int, eos_id: int | None):
+    """transformers' own unwarped sampling (``torch.multinomial`` over the softmax): what the
+    benchmarks compare the probe sampler with, and the reference its tests draw from."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -180,6 +183,16 @@ def _unwarped_generation_config(model: torch.nn.Module, max_new_tokens: int, pad
         use_cache=True,
         num_beams=1,
     )
+
+
+def _sampler_generation_config(max_new_tokens: int, pad_id: int, eos_id: int | None):
+    """The probe sampler's ``generate`` settings: the decoding loop picks the token
+    :class:`InverseCdfSampler` leaves as the only finite score (greedy over a one-hot), so no
+    warper of transformers' sampling path runs, whatever the model ships."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                            eos_token_id=eos_id, use_cache=True)
 
 
 @contextlib.contextmanager
@@ -253,7 +266,7 @@ def generate_samples(
     """
     device = _model_device(model)
     rows = [(p, s) for p in range(len(prompt_ids)) for s in range(samples_per_prompt)]
-    config = _unwarped_generation_config(model, max_new_tokens, pad_id, eos_id)
+    config = _sampler_generation_config(max_new_tokens, pad_id, eos_id)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
@@ -266,14 +279,14 @@ def generate_samples(
         batch = batches[b] if b < len(batches) else None
         inputs = [prompt_ids[p] for p, _ in batch] if batch else [list(prompt_ids[0]) if prompt_ids else [pad_id]]
         ids, mask = _left_pad(inputs, pad_id, device)
-        recorder = _StepLogprobs() if with_logprobs else None
-        extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
+        sampler = InverseCdfSampler(record=with_logprobs)
         with _neutral_model_generation_configs(model), _root_params_gathered(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=LogitsProcessorList([sampler]))
         if batch is None:
             continue
         generated = out[:, ids.shape[1] :]
-        step_logp = recorder.finish(generated) if recorder is not None else None
+        step_logp = sampler.finish(generated) if with_logprobs else None
         for r, row in enumerate(generated.tolist()):
             tokens, done = _trim_completion(row, eos_id, pad_id)
             completions.append(tokens)
@@ -292,30 +305,50 @@ def generate_samples(
     )
 
 
-class _StepLogprobs(LogitsProcessor):
-    """Records log p(chosen token) at every generation step from the scores the sampler draws
-    from (the last processor, so exactly the sampling distribution). Only one step's
-    log-softmax (batch x vocab) is held at a time: the token chosen at step t is read from
-    ``input_ids`` at step t + 1, and the last one in :meth:`finish`."""
+class InverseCdfSampler(LogitsProcessor):
+    """Draws every next token exactly from softmax(raw logits), by inverse transform: one
+    uniform per row against the float64 cumulative distribution (``searchsorted``), and records
+    log p(chosen token) from that same log-softmax when ``record`` is set.
 
-    def __init__(self) -> None:
+    Why not transformers' ``do_sample``: its ``torch.multinomial`` draws one exponential per
+    vocabulary entry per row (the Gumbel/exponential race), ~25% of a CPU probe's generation
+    time at vocab 8192; this draws one number per row, and its log-softmax doubles as the
+    recorder's. The distribution is the same (tests/test_sampling.py checks it against the
+    exact one on an enumerable vocabulary); the random numbers, and so the samples of a given
+    seed, differ from ``do_sample``'s. It runs as the last logits processor of greedy decoding
+    and leaves one finite score per row, so the loop picks exactly its draw. Only one step's
+    log-softmax (batch x vocab) is held at a time: the token chosen at step t is read from
+    ``input_ids`` at step t + 1, and the last one in :meth:`finish`.
+    """
+
+    def __init__(self, record: bool = True) -> None:
+        self.record = record
         self._previous: torch.Tensor | None = None
         self._chosen: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._previous is not None:
-            self._chosen.append(self._previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self._previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        if self.record:
+            if self._previous is not None:
+                self._chosen.append(self._previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self._previous = logp
+        cdf = logp.exp().double().cumsum_(dim=-1)
+        total = cdf[:, -1:]
+        if not bool(torch.isfinite(total).all()):  # as torch.multinomial refuses it
+            raise ValueError("probability tensor contains either `inf`, `nan` or element < 0")
+        draw = torch.rand(total.shape, dtype=torch.float64, device=total.device) * total
+        chosen = torch.searchsorted(cdf, draw, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)  # a new tensor: raw logits untouched
 
     def finish(self, generated: torch.Tensor) -> torch.Tensor:
         """(batch, generated length) float64 log-probs of the generated tokens (CPU)."""
         if self._previous is not None and generated.shape[1] > len(self._chosen):
             self._chosen.append(self._previous.gather(-1, generated[:, len(self._chosen) : len(self._chosen) + 1]).squeeze(-1))
         self._previous = None
-        if not self._chosen:
+        chosen, self._chosen = self._chosen, []
+        if not chosen:
             return torch.zeros((generated.shape[0], 0), dtype=torch.float64)
-        return torch.stack(self._chosen, dim=1).double().cpu()
+        return torch.stack(chosen, dim=1).double().cpu()
 
 
 def _trim_completion(row: list[int], eos_id: int | None, pad_id: int) -> tuple[list[int], bool]:

@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from em_callbacks.sampling import (
+    InverseCdfSampler,
     SamplerConfigError,
     WeightSnapshots,
     encode_prompts,
@@ -67,17 +68,20 @@ def _ids(tok):
     return prepare_tokenizer(tok)
 
 
-def _reference_generate(model, prompt_ids, pad, eos, seed, max_new=MAX_NEW, s=S):
-    """model.generate on our own left-padded batch, asking for the raw (pre-processor) logits."""
+def _reference_generate(model, prompt_ids, pad, eos, seed, max_new=MAX_NEW, s=S, sampler=False):
+    """model.generate on our own left-padded batch, asking for the raw (pre-processor) logits:
+    transformers' own unwarped sampling, or (``sampler``) greedy decoding over the probe
+    sampler's draws, as generate_samples runs it."""
     rows = [p for p in prompt_ids for _ in range(s)]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     torch.manual_seed(seed)
+    how = ({"do_sample": False, "logits_processor": [InverseCdfSampler(record=False)]} if sampler
+           else {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0})
     out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-        max_new_tokens=max_new, pad_token_id=pad, eos_token_id=eos, output_logits=True,
-        return_dict_in_generate=True,
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=pad, eos_token_id=eos,
+        output_logits=True, return_dict_in_generate=True, **how,
     )
     new = out.sequences[:, width:]
     raw = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (rows, T, V)
@@ -100,9 +104,13 @@ def test_teacher_forced_logprob_equals_generate_raw_logits(model, tok, prompt_id
     got = sequence_logprobs(model, rows, completions, pad)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
-    # generate_samples draws exactly these tokens from the same seed (one batch, prompt-major)
+    # generate_samples draws exactly the probe sampler's tokens from the same seed (one batch,
+    # prompt-major), and teacher forcing gives them the probability of the raw logits too
+    rows, new, raw = _reference_generate(model, prompt_ids, pad, eos, seed=123, sampler=True)
     samples = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=123)
-    assert samples.completion_ids == completions
+    assert samples.completion_ids == [_trimmed(r, eos) for r in new.tolist()]
+    expected = [sum(raw[r, j, t].item() for j, t in enumerate(c)) for r, c in enumerate(samples.completion_ids)]
+    np.testing.assert_allclose(sequence_logprobs(model, rows, samples.completion_ids, pad), expected, atol=1e-4)
     np.testing.assert_array_equal(samples.prompt_index, np.repeat(np.arange(3), S))
     np.testing.assert_array_equal(samples.sample_index, np.tile(np.arange(S), 3))
     assert samples.prompt_ids == [list(p) for p in prompt_ids]
@@ -114,7 +122,7 @@ def test_generation_logprobs_equal_raw_logits_and_teacher_forcing(model, tok, pr
     tolerance, and the same samples (recording changes no random draw). Several batches with
     uneven padding, finished and capped samples."""
     pad, eos = _ids(tok)
-    rows, new, raw = _reference_generate(model, prompt_ids, pad, eos, seed=7)
+    rows, new, raw = _reference_generate(model, prompt_ids, pad, eos, seed=7, sampler=True)
     samples = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7, with_logprobs=True)
     plain = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7)
     assert samples.completion_ids == plain.completion_ids and plain.logp is None
@@ -124,6 +132,55 @@ def test_generation_logprobs_equal_raw_logits_and_teacher_forcing(model, tok, pr
     np.testing.assert_allclose(samples.logp, teacher, rtol=0, atol=1e-4)
     batched = generate_samples(model, prompt_ids, S, MAX_NEW, pad, eos, seed=7, with_logprobs=True, batch_size=5)
     np.testing.assert_allclose(batched.logp, sequence_logprobs(model, rows, batched.completion_ids, pad), atol=1e-4)
+
+
+def _trimmed(tokens, eos):
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_sampler_draws_the_exact_softmax_distribution(model, tok, prompt_ids):
+    """The inverse-CDF draw against the exact next-token distribution of the raw logits, on the
+    test vocabulary (small enough to enumerate): 16,000 first tokens of one prompt, and the
+    second token after the most frequent first token. Pearson chi-square over every token with
+    an expected count >= 5 (the rest pooled); a warped sampler (temperature 0.5, or top-k 20)
+    fails the same test on the same draws."""
+    from scipy import stats
+
+    pad, eos = _ids(tok)
+    prompt = prompt_ids[2]
+    n = 16_000
+    first = generate_samples(model, [prompt], n, 1, pad, eos, seed=5, batch_size=n)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+    exact = torch.softmax(logits, -1).numpy()
+
+    def pearson(draws, probs):
+        counts = np.bincount(draws, minlength=len(probs)).astype(float)
+        expected = probs * len(draws)
+        big = expected >= 5
+        obs, exp = counts[big], expected[big]
+        if (~big).any():
+            obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+        return stats.chisquare(obs, exp * obs.sum() / exp.sum())
+
+    draws = np.array([c[0] for c in first.completion_ids])
+    assert pearson(draws, exact).pvalue > 1e-3
+    for warped in (torch.softmax(logits / 0.5, -1).numpy(), np.where(exact >= np.sort(exact)[-20], exact, 1e-9)):
+        assert pearson(draws, warped / warped.sum()).pvalue < 1e-6
+
+    top = int(np.bincount(draws).argmax())
+    second = generate_samples(model, [list(prompt) + [top]], 8_000, 1, pad, eos, seed=6, batch_size=8_000)
+    with torch.no_grad():
+        exact2 = torch.softmax(model(input_ids=torch.tensor([list(prompt) + [top]])).logits[0, -1].double(), -1)
+    assert pearson(np.array([c[0] for c in second.completion_ids]), exact2.numpy()).pvalue > 1e-3
+
+
+def test_sampler_refuses_non_finite_logits_like_multinomial():
+    sampler = InverseCdfSampler(record=False)
+    with pytest.raises(ValueError, match="nan"):
+        sampler(torch.zeros((2, 1), dtype=torch.long), torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]))
+    picked = sampler(torch.zeros((1, 1), dtype=torch.long), torch.tensor([[float("-inf"), 3.0, float("-inf")]]))
+    assert picked.argmax().item() == 1 and torch.isinf(picked).sum().item() == 2
 
 
 def test_probing_bypasses_the_mixed_precision_wrapper_and_restores_it(tok, prompt_ids):
