@@ -262,7 +262,7 @@ class PhaseTransitionCallback(TrainerCallback):
         onset_level = self._plan[1]
         decision = self.schedule.decide(step, self.engine.probe_steps, onset_level=onset_level)
         if decision.action == "sentinel":
-            shards = self._dist.gather([self.engine.sentinel_scores(model)])
+            shards = self._dist.gather([self.engine.sentinel_scores(model, step)])
             reading = None
             if self._dist.is_main:
                 result = self.engine.record_sentinel(step, shards)
@@ -285,7 +285,8 @@ class PhaseTransitionCallback(TrainerCallback):
             plan = (self.engine.focus_active(), self.engine.onset_level())
             if self.schedule.adaptive:
                 self.engine.safe("schedule event", lambda: self.engine.store.add_event(
-                    "probe_scheduled", step, reason=reason, samples_per_prompt=self.engine.probe_samples[k]))
+                    "probe_scheduled", step, reason=reason, samples_per_prompt=self.engine.probe_samples[k],
+                    reused_sentinel_rows=sum(sh.reused_sentinel_rows for sh in shards)))
         decision, self._plan = self._dist.broadcast((decision, plan))
         if decision is not None and self.engine.stopped is None:
             self.engine.stopped = decision

@@ -105,6 +105,7 @@ class ProbeShard:
     # scored again with other numerics (checkpoint_probe = k): the numerical floor's reference
     floor: list[ScoreRow] = field(default_factory=list)
     precision: dict[str, Any] | None = None  # how this rank's scoring computes (ScoringPrecision.to_dict)
+    reused_sentinel_rows: int = 0  # scores taken from the drift sentinel's pass at the same step
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,7 @@ class ProbeEngine:
         self._runner = None
         self._history = ProbeHistory(window=self.config.window)
         self._local_samples: dict[int, ProbeSamples] = {}  # this rank's shard
+        self._sentinel_rows: tuple[int, list[ScoreRow]] | None = None  # (step, rows): a probe at that step reuses them
         self._sample_keys: dict[int, list[tuple[str, int]]] = {}  # rank 0: canonical sample order
         self._full: dict[int, dict[str, WindowResult]] = {}
         self._ledger: dict[tuple[int, str], _JudgeLedger] = {}
@@ -459,7 +461,8 @@ class ProbeEngine:
                 if j == k and samples.logp is not None:  # paid for by the sampler: no second pass
                     shard.scores += self._rows(k, k, samples.logp)
                 elif k - j <= band:
-                    shard.scores += self._score(model, j, k)
+                    rows, shard.reused_sentinel_rows = self._current_scores(model, j, k)
+                    shard.scores += rows
             for old in checkpoints.available():  # the new samples under older checkpoints
                 if old < k and k - old <= band:
                     with checkpoints.swapped_in(model, old) as scoring_model:
@@ -508,13 +511,28 @@ class ProbeEngine:
             return [], precision.to_dict()
         return rows, {**precision.to_dict(), "floor_reference": "float32" if narrow else "float32, one row per pass"}
 
+    def _current_scores(self, model: torch.nn.Module, j: int, k: int) -> tuple[list[ScoreRow], int]:
+        """Probe ``j``'s samples under the current weights (checkpoint ``k``). When the drift
+        sentinel read these very weights at this step (it scored the first
+        ``sentinel_samples_per_prompt`` of them, and its reading is what fired this probe), its
+        rows are taken as they are and only the other samples are scored: every probe the
+        sentinel triggers saves the sentinel's pass."""
+        reused = self._sentinel_rows
+        if reused is None or reused[0] != self.probe_steps[k] or not reused[1] or reused[1][0].sample_probe != j:
+            return self._score(model, j, k), 0
+        self._sentinel_rows = None
+        rest = self._score(model, j, k, skip=self.config.sentinel_samples_per_prompt)
+        return [row._replace(checkpoint_probe=k) for row in reused[1]] + rest, len(reused[1])
+
     def _score(self, model: torch.nn.Module, sample_probe: int, checkpoint: int, *, per_prompt: int | None = None,
-               batch_size: int | None = None, scoring_dtype: Any = None) -> list[ScoreRow]:
-        """Probe ``sample_probe``'s samples on this rank (the first ``per_prompt`` of each prompt,
-        or all) scored by teacher forcing under ``model``, labelled ``checkpoint``. Defaults: the
-        probe batch size and the run's scoring precision; every rank makes as many passes."""
+               skip: int = 0, batch_size: int | None = None, scoring_dtype: Any = None) -> list[ScoreRow]:
+        """Probe ``sample_probe``'s samples on this rank (of each prompt, those with index in
+        ``[skip, per_prompt)``; by default all) scored by teacher forcing under ``model``,
+        labelled ``checkpoint``. Defaults: the probe batch size and the run's scoring
+        precision; every rank makes as many passes."""
         samples = self._local_samples[sample_probe]
-        keep = np.arange(len(samples)) if per_prompt is None else np.flatnonzero(samples.sample_index < per_prompt)
+        index = samples.sample_index
+        keep = np.flatnonzero((index >= skip) & (index < (np.inf if per_prompt is None else per_prompt)))
         device = next(model.parameters()).device
         logp = sequence_logprobs(
             model, [self._prompt_ids[int(samples.prompt_index[i])] for i in keep],
@@ -532,10 +550,11 @@ class ProbeEngine:
                          checkpoint, float(v)) for i, v in zip(keep, logp)]
 
     # ----------------------------------------------------------------- drift sentinel
-    def sentinel_scores(self, model: torch.nn.Module) -> ProbeShard:
+    def sentinel_scores(self, model: torch.nn.Module, step: int) -> ProbeShard:
         """All ranks, between probes: the last full probe's samples (the first
-        ``sentinel_samples_per_prompt`` of each prompt) under the current weights. One scoring
-        pass, no generation; :meth:`record_sentinel` turns it into the distance travelled."""
+        ``sentinel_samples_per_prompt`` of each prompt) under the current weights at ``step``.
+        One scoring pass, no generation; :meth:`record_sentinel` turns it into the distance
+        travelled, and a probe at the same step reuses the rows (:meth:`_current_scores`)."""
         shard = ProbeShard()
         if not self._local_samples:
             return shard
@@ -543,6 +562,7 @@ class ProbeEngine:
         with preserved_state(model, self._tok):
             model.eval()  # scored in the numerics of the probe it is compared with
             shard.scores = self._score(model, k, SENTINEL, per_prompt=self.config.sentinel_samples_per_prompt)
+        self._sentinel_rows = (int(step), shard.scores)
         return shard
 
     def record_sentinel(self, step: int, shards: Sequence[ProbeShard]) -> DissimilarityResult | None:

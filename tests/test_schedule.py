@@ -12,6 +12,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from em_callbacks import detect
 from em_callbacks.callback import CallbackConfigError, PhaseTransitionCallback
+from em_callbacks.divergence import combine_prompts, one_sided_tv
 from em_callbacks.schedule import ProbeSchedule, interval_of, rate
 from em_callbacks.store import RunStore
 from em_callbacks.summary import d_series, summarize
@@ -125,6 +126,24 @@ def test_adaptive_run_probes_where_the_schedule_says_and_detects_on_d_rate(tmp_p
         else:
             assert reason in ("first", "baseline", "longest interval")
     assert any(r.startswith("sentinel") for r in scheduled.values())
+
+    # a probe the sentinel fired reuses the sentinel's rows (same weights, same step) instead of
+    # scoring them again: the stored scores of the previous probe's samples under the new
+    # weights give back the stored reading, and the event counts them
+    payloads = {e["step"]: e["payload"] for e in store.events("probe_scheduled")}
+    for k, step in enumerate(steps):
+        if not payloads[step]["reason"].startswith("sentinel"):
+            assert payloads[step]["reused_sentinel_rows"] == 0
+            continue
+        own, now = store.logprobs(k - 1, k - 1), store.logprobs(k - 1, k)
+        read = sorted(key for key in own if key[1] < 4)  # sentinel_samples_per_prompt=4 of each prompt
+        assert payloads[step]["reused_sentinel_rows"] == len(read) == len(PROBES) * 4
+        by_prompt: dict[str, tuple[list[float], list[float]]] = {}
+        for key in read:
+            by_prompt.setdefault(key[0], ([], []))[0].append(own[key])
+            by_prompt[key[0]][1].append(now[key])
+        again = combine_prompts([one_sided_tv(a, b) for a, b in by_prompt.values()])
+        np.testing.assert_allclose((again.value, again.stderr), readings[step], rtol=1e-12)
 
     # D_rate = D / interval (reference 1) on every measure, stderr and interval included
     for measure in ("tv", "js", "linear"):
