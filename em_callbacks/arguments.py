@@ -94,7 +94,8 @@ class PhaseTransitionArguments:
                                                  "samples under the current weights and log how far the model "
                                                  "moved (sentinel/tv). Fixed schedule: off when unset; adaptive: "
                                                  "min_interval when unset.")
-    sentinel_samples_per_prompt: int = _opt(4, "Samples per prompt the drift sentinel scores.")
+    sentinel_samples_per_prompt: Optional[int] = _opt(None, "Samples per prompt the drift sentinel scores (default: "
+                                                      "a quarter of samples_per_prompt, at least 2).")
     own_logprobs: str = _opt("generation", "Where the new samples' log-probs under the current weights come from: "
                              "'generation' (the sampler's own distribution, no extra pass) or 'teacher-forcing'.")
     scoring_dtype: Literal["float32", "model"] = _opt(

@@ -75,7 +75,8 @@ class PhaseTransitionCallback(TrainerCallback):
         own_logprobs: "generation" (default) reads the new samples' log-probs under the current
             weights from the sampler's own distribution; "teacher-forcing" scores them again.
         sentinel_every_n_steps: between probes, every this many steps, score the last probe's
-            samples (``sentinel_samples_per_prompt`` per prompt) under the current weights and
+            samples (``sentinel_samples_per_prompt`` per prompt; default a quarter of
+            ``samples_per_prompt``, at least 2) under the current weights and
             log how far the model moved since (``sentinel/tv``): one scoring pass, no
             generation. Off by default with the fixed schedule; the adaptive one steers by it
             (default ``min_interval``).
@@ -115,7 +116,7 @@ class PhaseTransitionCallback(TrainerCallback):
         log_samples_table: bool = True,
         own_logprobs: str = "generation",
         sentinel_every_n_steps: int | None = None,
-        sentinel_samples_per_prompt: int = 4,
+        sentinel_samples_per_prompt: int | None = None,
         scoring_dtype: str = "float32",
         schedule: str | ProbeSchedule = "fixed",
         min_interval: int | None = None,

@@ -171,7 +171,7 @@ class EngineConfig:
     judge_drain_timeout: float = 120.0
     log_samples_table: bool = True
     own_logprobs: str = "generation"
-    sentinel_samples_per_prompt: int = 4
+    sentinel_samples_per_prompt: int | None = None  # default: a quarter of samples_per_prompt, at least 2
     scoring_dtype: str = "float32"
     focus_factor: int = 1  # samples_per_prompt is multiplied by this while a transition is under way
 
@@ -181,6 +181,8 @@ class EngineConfig:
         check_int("window", self.window, minimum=1)
         check_int("batch_size", self.batch_size, minimum=1)
         check_int("judge_concurrency", self.judge_concurrency, minimum=1)
+        if self.sentinel_samples_per_prompt is None:  # a reading costs a quarter of a scoring pass
+            self.sentinel_samples_per_prompt = max(2, self.samples_per_prompt // 4)
         check_int("sentinel_samples_per_prompt", self.sentinel_samples_per_prompt, minimum=2,
                   why="a standard error needs two samples")
         check_int("focus_factor", self.focus_factor, minimum=1)

@@ -136,8 +136,11 @@ def test_adaptive_run_probes_where_the_schedule_says_and_detects_on_d_rate(tmp_p
             assert payloads[step]["reused_sentinel_rows"] == 0
             continue
         own, now = store.logprobs(k - 1, k - 1), store.logprobs(k - 1, k)
-        read = sorted(key for key in own if key[1] < 4)  # sentinel_samples_per_prompt=4 of each prompt
-        assert payloads[step]["reused_sentinel_rows"] == len(read) == len(PROBES) * 4
+        per_prompt = cb.engine.config.sentinel_samples_per_prompt
+        assert per_prompt == 2  # the default: a quarter of samples_per_prompt=4, at least 2
+        read = sorted(key for key in own if key[1] < per_prompt)
+        assert payloads[step]["reused_sentinel_rows"] == len(read) == len(PROBES) * per_prompt
+        assert len(now) == len(own)  # the rest of the previous probe's samples were scored
         by_prompt: dict[str, tuple[list[float], list[float]]] = {}
         for key in read:
             by_prompt.setdefault(key[0], ([], []))[0].append(own[key])
