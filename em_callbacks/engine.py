@@ -463,8 +463,9 @@ class ProbeEngine:
                 if j == k and samples.logp is not None:  # paid for by the sampler: no second pass
                     shard.scores += self._rows(k, k, samples.logp)
                 elif k - j <= band:
-                    rows, shard.reused_sentinel_rows = self._current_scores(model, j, k)
+                    rows, reused = self._current_scores(model, j, k)
                     shard.scores += rows
+                    shard.reused_sentinel_rows += reused
             for old in checkpoints.available():  # the new samples under older checkpoints
                 if old < k and k - old <= band:
                     with checkpoints.swapped_in(model, old) as scoring_model:

@@ -173,6 +173,22 @@ def test_adaptive_run_probes_where_the_schedule_says_and_detects_on_d_rate(tmp_p
     store.close()
 
 
+def test_sentinel_rows_are_reused_once_with_a_wider_band(tmp_path):
+    """Window 2 scores the older sample sets under the current weights at every probe, and with
+    own_logprobs="teacher-forcing" the new samples too; only the previous probe's, which the
+    sentinel read at the same step, reuse its rows."""
+    detector = detect.TransitionDetector(baseline_probes=1, z_threshold=0.0, min_rise=0.0)
+    cb = _adaptive(tmp_path, detector=detector, window=2, focus_factor=1, own_logprobs="teacher-forcing")
+    _train(tmp_path, cb, max_steps=14)
+    store = RunStore(tmp_path / "pt", readonly=True)
+    per_prompt = cb.engine.config.sentinel_samples_per_prompt
+    events = store.events("probe_scheduled")
+    fired = [e["payload"] for e in events if e["payload"]["reason"].startswith("sentinel")]
+    assert fired and all(p["reused_sentinel_rows"] == len(PROBES) * per_prompt for p in fired)
+    assert all(e["payload"]["reused_sentinel_rows"] == 0 for e in events if not e["payload"]["reason"].startswith("sentinel"))
+    store.close()
+
+
 def test_adaptive_schedule_resumes_where_it_left_off(tmp_path):
     """Killed after checkpoint-6 and resumed: the same probe steps, sample counts and D_rate as
     the uninterrupted run (the schedule's inputs are the probe steps and the detector state)."""
