@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     machine_header,
     median,
     param_counts,
+    probe_prompt_ids,
     quiet,
     set_threads,
     spread,
@@ -338,6 +339,49 @@ def end_to_end(args, tokenizer, timer: PhaseTimer, log) -> None:
             f"{'MET' if median(ratios) <= TARGET else 'MISSED'}")
 
 
+def workload_floor(args, tokenizer, log) -> None:
+    """What a probe cannot go below on this workload, in training steps: one teacher-forced pass
+    over the probe's rows, one generation of them, and one plain training step (forward,
+    backward, AdamW), timed interleaved on the same model (median of rounds 2-4). A probe is
+    generation + 1 pass (full fine-tune) or + 2 passes (LoRA, two-sided); its floor assumes
+    generation no dearer than one pass (decoding as cheap as a parallel forward)."""
+    import torch
+
+    from em_callbacks.sampling import generate_samples, sequence_logprobs
+
+    prompts = probe_prompt_ids(tokenizer)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    data = RandomTokens(16, 256, len(tokenizer))
+    batch = {key: torch.stack([data[i][key] for i in range(16)]) for key in data[0]}
+    for mode in selected_modes(args):
+        with quiet():
+            model = build_model(tokenizer, **MODEL_KWARGS)
+            model = add_lora(model) if mode == "lora" else model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        gen, score, step = [], [], []
+        for r in range(4):
+            model.eval()
+            t = time.perf_counter()
+            samples = generate_samples(model, prompts, 16, args.max_new_tokens, pad, eos, seed=r, with_logprobs=True)
+            gen.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sequence_logprobs(model, [prompts[i] for i in samples.prompt_index], samples.completion_ids, pad)
+            score.append(time.perf_counter() - t)
+            model.train()
+            t = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step.append(time.perf_counter() - t)
+        g, p, q = median(gen[1:]), median(score[1:]), median(step[1:])
+        passes = 2 if mode == "lora" else 1
+        floor = (1 + passes) * p / q
+        log(f"-- floor, {mode}: one pass {p:.2f} s = {p / q:.2f} training steps ({q:.2f} s); generation {g:.2f} s = "
+            f"{g / p:.2f} passes. Probe = generation + {passes} pass(es): >= {floor:.2f} steps with generation at "
+            f"one pass = {floor / args.interval:.1%} at every {args.interval} steps (with today's generation "
+            f"{(g + passes * p) / q / args.interval:.1%}, before the floor pass and bookkeeping)")
+
+
 def organism(args, timer: PhaseTimer, log) -> None:
     """The CPU demo's fine-tune, with and without the callback (settings of ``run_demo``)."""
     try:
@@ -428,6 +472,7 @@ def main() -> None:
     ap.add_argument("--e2e-intervals", type=int, default=2)
     ap.add_argument("--e2e-rounds", type=int, default=1)
     ap.add_argument("--no-organism", action="store_true")
+    ap.add_argument("--no-floor", action="store_true", help="skip the workload-floor timing (~1 min)")
     ap.add_argument("--pretrain-organism", action="store_true", help="pretrain the organism if not cached")
     ap.add_argument("--organism-rounds", type=int, default=None, help="default 2, quick 1")
     ap.add_argument("--threads", default="auto", help="torch threads: auto (1 on a loaded machine) or N")
@@ -466,7 +511,10 @@ def main() -> None:
         if not args.no_organism:
             log("\n[3] organism demo")
             organism(args, timer, log)
-    timer.restore()
+        timer.restore()
+        if not args.no_floor and selected_modes(args):
+            log("\n[4] the floor of this workload")
+            workload_floor(args, tokenizer, log)
     log("")
     log(load.summary())
     log(f"total benchmark time {time.perf_counter() - t_start:.0f} s")
